@@ -1,0 +1,44 @@
+"""Range functions: each maps a tensor's statistics to a (min, max) range.
+
+Methods are data: RANGE_FUNCTIONS maps a method family to a pure function
+``f(stats, symmetric, **options) -> (lo, hi)``.  The histogram families land with the
+calibrators issue; until then they fail with a clear message.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from quantizer.errors import UsageError
+
+from .methods import CalibrationMethod
+from .statistics import TensorStatistics
+
+Range = tuple[float, float]
+
+
+def symmetric_range(low: float, high: float) -> Range:
+    """[-a, a] with a = max|x|, or [0, a] when every value is >= 0."""
+    bound = max(abs(low), abs(high))
+    return (0.0, bound) if low >= 0 else (-bound, bound)
+
+
+def min_max_range(stats: TensorStatistics, symmetric: bool, **_options) -> Range:
+    if symmetric:
+        return symmetric_range(stats.minimum, stats.maximum)
+    return (stats.minimum, stats.maximum)
+
+
+RANGE_FUNCTIONS: dict[str, Callable[..., Range]] = {
+    "MIN_MAX": min_max_range,
+}
+
+
+def range_function(method: CalibrationMethod) -> Callable[..., Range]:
+    try:
+        return RANGE_FUNCTIONS[method.family]
+    except KeyError:
+        raise UsageError(
+            f"calibration method {method.value.lower()} is not implemented yet; "
+            f"available: {', '.join(m.value.lower() for m in CalibrationMethod if m.family in RANGE_FUNCTIONS)}"
+        ) from None

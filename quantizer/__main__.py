@@ -1,0 +1,3 @@
+from quantizer.cli.main import main
+
+main()

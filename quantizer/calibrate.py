@@ -1,0 +1,104 @@
+"""Stage 2: run the float model over calibration samples, one at a time, and reduce every
+activation that the QDQ plan quantizes to streaming statistics."""
+
+from __future__ import annotations
+
+import sys
+from typing import Iterable
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from tqdm import tqdm
+
+from quantizer.calibrators import CalibrationMethod, TensorStatistics, range_function
+
+from .dataset import count_samples, input_specs, iter_samples
+from .errors import CalibrationDataError, ModelError
+from .model_io import load_model
+from .qdq.plan import build_plan
+
+
+def _observing_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """A copy of the model whose outputs also expose the given intermediate tensors."""
+    observed = onnx.ModelProto()
+    observed.CopyFrom(model)
+    existing = {o.name for o in observed.graph.output}
+    for name in tensors:
+        if name not in existing:
+            observed.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return observed
+
+
+class Calibrator:
+    """Collect activation statistics for ``model`` (a stage-1 optimized model).
+
+    ``collect_data`` may be called repeatedly; every call streams its samples through
+    onnxruntime and folds them into the running statistics.  ``compute_range`` returns
+    ``{tensor: (min, max)}`` for the chosen method.
+    """
+
+    def __init__(self, model, method="MIN_MAX_ASYM", percentage: float = 99.99,
+                 exclude: Iterable[str] = (), show_progress: bool | None = None):
+        self.model = load_model(model)
+        self.method = CalibrationMethod.parse(method)
+        self.range_fn = range_function(self.method)  # fails early for unbuilt methods
+        self.percentage = percentage
+        self.show_progress = show_progress
+        plan = build_plan(ir.from_proto(self.model), set(exclude))
+        self.tensors = plan.calibrated_tensors
+        self.specs = input_specs(self.model)
+        self.statistics = {name: TensorStatistics() for name in self.tensors}
+        self.samples_seen = 0
+        self._session = None
+
+    def _session_for_run(self) -> ort.InferenceSession:
+        if self._session is None:
+            inputs = {s.name for s in self.specs}
+            self._outputs = [t for t in self.tensors if t not in inputs]
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            try:
+                self._session = ort.InferenceSession(
+                    _observing_model(self.model, self._outputs).SerializeToString(),
+                    options, providers=["CPUExecutionProvider"],
+                )
+            except Exception as exc:
+                raise ModelError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+        return self._session
+
+    def collect_data(self, dataset) -> None:
+        """Stream ``dataset`` (a folder, or an iterable of dicts/sequences/arrays)."""
+        session = self._session_for_run()
+        input_names = {s.name for s in self.specs}
+        progress = self.show_progress if self.show_progress is not None else sys.stderr.isatty()
+        samples = iter_samples(dataset, self.specs)
+        bar = tqdm(samples, total=count_samples(dataset), desc="calibrating", unit="sample",
+                   disable=not progress, leave=False)
+        for index, sample in enumerate(bar):
+            try:
+                outputs = session.run(self._outputs, sample)
+            except Exception as exc:
+                raise CalibrationDataError(
+                    f"onnxruntime failed on calibration sample {self.samples_seen + 1}: "
+                    f"{str(exc).splitlines()[0]}"
+                ) from None
+            for name, array in zip(self._outputs, outputs):
+                self.statistics[name].update(array)
+            for name in input_names.intersection(self.statistics):
+                self.statistics[name].update(sample[name])
+            del outputs, sample
+            self.samples_seen += 1
+        bar.close()
+
+    def compute_range(self) -> dict[str, tuple[float, float]]:
+        if self.samples_seen == 0:
+            raise CalibrationDataError("no calibration samples were given")
+        ranges = {}
+        for name, stats in self.statistics.items():
+            if stats.count == 0:
+                raise CalibrationDataError(f"tensor '{name}' had no finite values in any calibration sample")
+            low, high = self.range_fn(stats, self.method.symmetric, percentage=self.percentage)
+            ranges[name] = (float(low), float(high))
+        return ranges

@@ -1,0 +1,70 @@
+"""Reading and writing model files with one-line errors and atomic output."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import ModelError, UsageError
+
+ModelLike = "onnx.ModelProto | str | os.PathLike"
+
+
+def load_model(model) -> onnx.ModelProto:
+    """Return a ModelProto from a path or a proto; raise ModelError with the reason."""
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+    else:
+        path = Path(model)
+        if not path.exists():
+            raise ModelError(f"model file not found: {path}")
+        if path.is_dir():
+            raise ModelError(f"model path is a directory, not an ONNX file: {path}")
+        if path.stat().st_size == 0:
+            raise ModelError(f"model file is empty: {path}")
+        try:
+            proto = onnx.load(str(path))
+        except (DecodeError, ValueError, RuntimeError) as exc:
+            raise ModelError(f"not an ONNX model (cannot parse {path.name}): {exc}") from None
+        except OSError as exc:
+            raise ModelError(f"cannot read model {path}: {exc.strerror or exc}") from None
+    if not proto.HasField("graph") or len(proto.graph.node) == 0:
+        raise ModelError("not a usable ONNX model: its graph has no nodes")
+    return proto
+
+
+def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None) -> Path:
+    """Refuse to overwrite the input and to write into a missing/unwritable directory."""
+    out = Path(output)
+    if input_path is not None and out.resolve() == Path(input_path).resolve():
+        raise UsageError(f"output path is the input model; choose another -o than {out}")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"output directory does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"output directory is not writable: {parent}")
+    if out.is_dir():
+        raise UsageError(f"output path is a directory: {out}")
+    return out
+
+
+def save_model_atomic(proto: onnx.ModelProto, output: str | os.PathLike) -> int:
+    """Write to a temporary file beside the target, then rename: never half-written.
+
+    Returns the size in bytes of the written file.
+    """
+    out = Path(output)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(proto.SerializeToString(deterministic=True))
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return out.stat().st_size

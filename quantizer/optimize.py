@@ -1,0 +1,215 @@
+"""Stage 1: graph optimization with the field's libraries (onnx-ir + onnxscript).
+
+The result is standard ONNX at opset >= 13 (per-channel Q/DQ needs it), with constants
+folded, BatchNormalization and per-channel affine ops folded into the preceding
+Conv/ConvTranspose/Gemm, Identity/Dropout removed, dead nodes dropped, unique names and
+inferred shapes.  Numerically it is the same function as the input model.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import onnx_ir as ir
+import onnx_ir.passes.common as ir_passes
+import onnxscript.optimizer
+import onnxscript.rewriter
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter.rules import common as common_rules
+
+from .errors import ModelError, UsageError
+from .model_io import load_model
+
+MIN_OPSET = 13
+
+
+class _ConvChannelAffine(pattern.RewriteRuleClassBase):
+    """Conv(x, w[, b]) followed by Add or Mul with a per-channel constant -> one Conv.
+
+    onnxscript folds only scalar affine ops; exporters such as Paddle's emit the Conv bias
+    as a separate Add of a [1, C, 1, 1] constant, which blocks BatchNorm folding and adds a
+    float op between the Conv and its activation.
+    """
+
+    def __init__(self, op_type: str, with_bias: bool):
+        super().__init__(f"FoldConv{'Bias' if with_bias else ''}{op_type}")
+        self.op_type = op_type
+        self.with_bias = with_bias
+
+    def pattern(self, op, x, w, b, c):
+        if self.with_bias:
+            conv = op.Conv(x, w, b, _allow_other_attributes=True, _outputs=["conv_out"])
+        else:
+            conv = op.Conv(x, w, _allow_other_attributes=True, _outputs=["conv_out"])
+        return getattr(op, self.op_type)(conv, c)
+
+    def _channel_values(self, w: ir.Value, c: ir.Value) -> np.ndarray | None:
+        if w.const_value is None or c.const_value is None:
+            return None
+        weight = w.const_value.numpy()
+        const = c.const_value.numpy()
+        channels = weight.shape[0]
+        if const.size == 1:
+            return np.full(channels, const.reshape(()), dtype=weight.dtype)
+        rank = weight.ndim  # conv output rank equals weight rank
+        if const.ndim > rank or const.size != channels:
+            return None
+        padded = (1,) * (rank - const.ndim) + const.shape
+        if padded[1] != channels or any(d != 1 for i, d in enumerate(padded) if i != 1):
+            return None
+        return const.reshape(channels).astype(weight.dtype)
+
+    def check(self, context, x, w, c, conv_out, b=None, **_):
+        result = pattern.MatchResult()
+        if len(conv_out.uses()) != 1 or conv_out.is_graph_output():
+            return result.fail("conv output has other uses")
+        if self.with_bias and b.const_value is None:
+            return result.fail("conv bias is not constant")
+        for value in (w, b) if self.with_bias else (w,):
+            if len(value.uses()) != 1 or value.is_graph_input():
+                return result.fail("conv parameters are shared")
+        if self._channel_values(w, c) is None:
+            return result.fail("not a per-channel constant")
+        return result
+
+    def rewrite(self, op, x, w, c, conv_out, b=None, **_):
+        weight = w.const_value.numpy()
+        values = self._channel_values(w, c)
+        bias = b.const_value.numpy() if self.with_bias else np.zeros(weight.shape[0], weight.dtype)
+        if self.op_type == "Add":
+            new_w, new_b = weight, bias + values
+        else:
+            new_w = weight * values.reshape((-1,) + (1,) * (weight.ndim - 1))
+            new_b = bias * values
+        attributes = conv_out.producer().attributes
+        w_init = op.initializer(ir.tensor(new_w.astype(weight.dtype)), name=f"{w.name}_folded")
+        b_init = op.initializer(ir.tensor(new_b.astype(weight.dtype)), name=f"{w.name}_bias_folded")
+        return op.Conv(x, w_init, b_init, **attributes)
+
+
+_FOLDING_RULES = pattern.RewriteRuleSet(
+    [
+        _ConvChannelAffine.rule(op_type, with_bias)
+        for op_type in ("Add", "Mul")
+        for with_bias in (False, True)
+    ]
+    + [
+        common_rules.fuse_batchnorm_into_conv_rule,
+        common_rules.fuse_batchnorm_into_conv_transpose_rule,
+        common_rules.fuse_batchnorm_into_gemm_rule,
+        common_rules.dropout_inference_rule,
+        common_rules.dropout_zero_rule,
+    ],
+    commute=True,
+)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return entry.version
+    return 1
+
+
+def _ensure_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Convert to opset >= 13; refuse opsets newer than the installed onnx knows."""
+    version = default_opset(model)
+    newest = onnx.defs.onnx_opset_version()
+    if version > newest:
+        raise ModelError(
+            f"model opset {version} is newer than the installed onnx supports ({newest}); "
+            "upgrade onnx/onnxruntime"
+        )
+    if version >= MIN_OPSET:
+        return model
+    try:
+        converted = onnx.version_converter.convert_version(model, MIN_OPSET)
+    except Exception as exc:  # the converter raises bare RuntimeError/ValidationError
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"cannot convert the model from opset {version} to {MIN_OPSET}: {first_line}"
+        ) from None
+    return converted
+
+
+def _fix_input_shapes(model: ir.Model, input_shapes: Mapping[str, Sequence[int]]) -> None:
+    inputs = {value.name: value for value in model.graph.inputs}
+    for name, dims in input_shapes.items():
+        if name not in inputs:
+            raise UsageError(
+                f"--input-shape names unknown input '{name}'; model inputs: {', '.join(inputs)}"
+            )
+        value = inputs[name]
+        if value.shape is not None and len(value.shape) != len(dims):
+            raise UsageError(
+                f"--input-shape for '{name}' has rank {len(dims)}, "
+                f"model input has rank {len(value.shape)} ({value.shape})"
+            )
+        if any(int(d) <= 0 for d in dims):
+            raise UsageError(f"--input-shape for '{name}' must be positive integers: {list(dims)}")
+        if value.shape is not None:
+            for fixed, dim in zip(dims, value.shape):
+                if isinstance(dim, int) and dim != int(fixed):
+                    raise UsageError(
+                        f"--input-shape for '{name}' gives {list(dims)}, but the model fixes "
+                        f"that input to {list(value.shape)}"
+                    )
+        value.shape = ir.Shape([int(d) for d in dims])
+
+
+def _drop_unknown_reshape_allowzero(model: onnx.ModelProto) -> None:
+    """onnxscript's rules may emit Reshape(allowzero=...) under opset 13, where the
+    attribute does not exist yet.  It only matters when the shape holds a 0, so drop it
+    when it is 0 or the constant shape has no zero."""
+    if default_opset(model) >= 14:
+        return
+    constants = {init.name: init for init in model.graph.initializer}
+
+    def harmless(node: onnx.NodeProto, attr: onnx.AttributeProto) -> bool:
+        if attr.i == 0:
+            return True
+        shape = constants.get(node.input[1])
+        return shape is not None and 0 not in onnx.numpy_helper.to_array(shape)
+
+    for node in model.graph.node:
+        if node.op_type == "Reshape" and node.domain in ("", "ai.onnx"):
+            kept = [a for a in node.attribute if not (a.name == "allowzero" and harmless(node, a))]
+            del node.attribute[:]
+            node.attribute.extend(kept)
+
+
+def optimize_model(model, input_shapes: Mapping[str, Sequence[int]] | None = None) -> onnx.ModelProto:
+    """Stage 1: return an optimized, numerically equivalent copy of ``model``.
+
+    ``model`` is a path or ModelProto; ``input_shapes`` optionally fixes dynamic input
+    dims, e.g. ``{"x": [1, 3, 224, 224]}``.
+    """
+    proto = _ensure_opset(load_model(model))
+    try:
+        ir_model = ir.from_proto(proto)
+    except Exception as exc:
+        raise ModelError(f"cannot read the model graph: {exc}") from None
+    ir_passes.RemoveInitializersFromInputsPass()(ir_model)
+    if input_shapes:
+        _fix_input_shapes(ir_model, input_shapes)
+    try:
+        onnxscript.optimizer.optimize_ir(ir_model)
+        onnxscript.rewriter.rewrite(ir_model, _FOLDING_RULES)
+        onnxscript.optimizer.optimize_ir(ir_model)
+        ir_passes.IdentityEliminationPass()(ir_model)
+        ir_passes.RemoveUnusedNodesPass()(ir_model)
+        ir_passes.NameFixPass()(ir_model)
+        ir_passes.TopologicalSortPass()(ir_model)
+    except Exception as exc:
+        raise ModelError(f"graph optimization failed: {type(exc).__name__}: {exc}") from None
+    ir_model.producer_name = "onnx-int8-quantizer"
+    optimized = ir.to_proto(ir_model)
+    _drop_unknown_reshape_allowzero(optimized)
+    try:
+        optimized = onnx.shape_inference.infer_shapes(optimized, data_prop=True)
+    except Exception:
+        pass  # shapes are an aid for placement, not a requirement
+    return optimized

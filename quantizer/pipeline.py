@@ -1,0 +1,95 @@
+"""The one call that runs all three stages and reports what it did."""
+
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+import onnx
+
+from .calibrate import Calibrator
+from .model_io import load_model
+from .optimize import optimize_model
+from .quantize import quantize_with_plan
+
+
+@dataclass
+class QuantizationResult:
+    model: onnx.ModelProto
+    ranges: dict[str, tuple[float, float]]
+    summary: dict = field(default_factory=dict)
+
+
+def _model_bytes(model: onnx.ModelProto) -> int:
+    return model.ByteSize()
+
+
+def quantize_model(
+    model,
+    dataset,
+    method: str = "MIN_MAX_ASYM",
+    *,
+    percentage: float = 99.99,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    activation_dtype: str = "int8",
+    weight_range: str = "auto",
+    exclude: Iterable[str] = (),
+    show_progress: bool | None = None,
+) -> QuantizationResult:
+    """optimize -> calibrate -> quantize.  ``dataset`` is a folder or an iterable of samples."""
+    timings = {}
+    start = time.perf_counter()
+    original = load_model(model)
+    optimized = optimize_model(original, input_shapes)
+    timings["optimize"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    calibrator = Calibrator(optimized, method, percentage, exclude=exclude, show_progress=show_progress)
+    calibrator.collect_data(dataset)
+    ranges = calibrator.compute_range()
+    timings["calibrate"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    outcome = quantize_with_plan(optimized, ranges, activation_dtype, exclude, weight_range)
+    timings["quantize"] = time.perf_counter() - start
+
+    summary = build_summary(original, optimized, outcome, timings)
+    summary["calibration"] = {
+        "method": calibrator.method.value,
+        "samples": calibrator.samples_seen,
+        "tensors": len(ranges),
+        "nonfinite_values": {n: s.nonfinite for n, s in calibrator.statistics.items() if s.nonfinite},
+    }
+    return QuantizationResult(outcome.model, ranges, summary)
+
+
+def build_summary(original: onnx.ModelProto, optimized: onnx.ModelProto, outcome, timings: dict) -> dict:
+    plan = outcome.plan
+    quantized = collections.Counter(n.op_type for n in plan.quantized_nodes)
+    float_nodes = [
+        {"node": name, "op_type": _op_type(optimized, name), "reason": reason}
+        for name, reason in sorted(plan.float_reasons.items())
+    ]
+    return {
+        "nodes": {
+            "original": len(original.graph.node),
+            "optimized": len(optimized.graph.node),
+            "quantized": sum(quantized.values()),
+            "quantized_by_op": dict(sorted(quantized.items())),
+            "activations_folded_into_q": len(plan.absorbed_nodes),
+            "float": float_nodes,
+        },
+        "activation_dtype": str(next(iter(outcome.params.values())).zero_point.dtype) if outcome.params else None,
+        "weight_range": outcome.weight_range,
+        "size_bytes": {"before": _model_bytes(original), "after": _model_bytes(outcome.model)},
+        "seconds": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
+def _op_type(model: onnx.ModelProto, name: str) -> str:
+    for node in model.graph.node:
+        if node.name == name:
+            return node.op_type
+    return "?"

@@ -1,0 +1,146 @@
+"""Rewrite the graph by a QuantPlan: Q/DQ pairs on activations, quantized initializers
+with a DequantizeLinear for weights, biases and constant operands."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from .params import (
+    ActivationParams,
+    activation_params,
+    quantize_bias,
+    quantize_weight,
+    weight_scales,
+    widen_for_bias,
+)
+from .plan import QuantPlan, _is_constant
+
+
+class _Names:
+    """Fresh, unique value/node names derived from existing ones."""
+
+    def __init__(self, graph: ir.Graph):
+        self.used: set[str] = set(graph.initializers)
+        for node in graph:
+            self.used.add(node.name or "")
+            self.used.update(v.name for v in node.outputs if v.name)
+        self.used.update(v.name for v in graph.inputs)
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.used:
+            name, i = f"{base}_{i}", i + 1
+        self.used.add(name)
+        return name
+
+
+class _Writer:
+    def __init__(self, graph: ir.Graph):
+        self.graph = graph
+        self.names = _Names(graph)
+
+    def constant(self, base: str, array: np.ndarray) -> ir.Value:
+        name = self.names(base)
+        value = ir.Value(
+            name=name,
+            type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+            shape=ir.Shape(array.shape),
+            const_value=ir.tensor(array, name=name),
+        )
+        self.graph.register_initializer(value)
+        return value
+
+    def dequantize(self, base: str, q: ir.Value, scale: np.ndarray, zero_point: np.ndarray,
+                   axis: int | None, like: ir.Value) -> ir.Node:
+        inputs = [q, self.constant(f"{base}_scale", scale), self.constant(f"{base}_zero_point", zero_point)]
+        out = ir.Value(name=self.names(f"{base}_dequantized"), type=like.type, shape=like.shape)
+        attrs = {"axis": ir.AttrInt64("axis", axis)} if axis is not None else {}
+        return ir.Node("", "DequantizeLinear", inputs, attrs, outputs=[out], name=self.names(f"{base}_DequantizeLinear"))
+
+
+def group_params(plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], dtype: str) -> dict[str, ActivationParams]:
+    """One parameter set per shared group, from the union of its members' ranges."""
+    group_range: dict[str, tuple[float, float]] = {}
+    for name, value in plan.tensors.items():
+        if name in plan.fixed_ranges:
+            low, high = plan.fixed_ranges[name]
+        elif _is_constant(value):
+            array = value.const_value.numpy()
+            low, high = float(array.min(initial=0.0)), float(array.max(initial=0.0))
+        else:
+            low, high = ranges[name]
+        root = plan.group(name)
+        old = group_range.get(root, (low, high))
+        group_range[root] = (min(old[0], low), max(old[1], high))
+    by_group = {root: activation_params(*r, dtype) for root, r in group_range.items()}
+    return {name: by_group[plan.group(name)] for name in plan.tensors}
+
+
+def insert_qdq(model: ir.Model, plan: QuantPlan, ranges: Mapping[str, tuple[float, float]],
+               activation_dtype: str = "int8", weight_qmax: int = 127) -> dict[str, ActivationParams]:
+    """Apply ``plan`` to ``model`` in place; returns the parameters of every Q/DQ tensor."""
+    graph = model.graph
+    writer = _Writer(graph)
+    params = group_params(plan, ranges, activation_dtype)
+    biases = {(id(slot.node), slot.index): bias_index for _, bias_index, slot in plan.biases}
+
+    # Weights and biases first: they read the input tensors' names before Q/DQ renames.
+    for slot in plan.weights:
+        node, index, axis = slot.node, slot.index, slot.axis
+        weight_value = node.inputs[index]
+        weight = weight_value.const_value.numpy().astype(np.float32)
+        scales = weight_scales(weight, axis, weight_qmax)
+        bias_index = biases.get((id(node), index))
+        if bias_index is not None:
+            bias_value = node.inputs[bias_index]
+            bias = bias_value.const_value.numpy().astype(np.float32)
+            input_scale = params[node.inputs[0].name].scale
+            scales = widen_for_bias(scales, bias, input_scale)
+        q_weight = writer.constant(f"{weight_value.name}_quantized", quantize_weight(weight, scales, axis, weight_qmax))
+        dq = writer.dequantize(weight_value.name, q_weight, scales, np.zeros(scales.shape, np.int8), axis, weight_value)
+        graph.insert_before(node, dq)
+        node.replace_input_with(index, dq.outputs[0])
+        if bias_index is not None:
+            q_bias, bias_scales = quantize_bias(bias, input_scale, scales)
+            q_value = writer.constant(f"{bias_value.name}_quantized", q_bias)
+            bias_axis = 0 if bias_scales.ndim == 1 else None
+            dq = writer.dequantize(bias_value.name, q_value, bias_scales, np.zeros(bias_scales.shape, np.int32), bias_axis, bias_value)
+            graph.insert_before(node, dq)
+            node.replace_input_with(bias_index, dq.outputs[0])
+
+    for node, index in plan.constant_uses:
+        value = node.inputs[index]
+        p = params[value.name]
+        q_value = writer.constant(f"{value.name}_quantized", p.quantize(value.const_value.numpy()))
+        dq = writer.dequantize(value.name, q_value, np.float32(p.scale), p.zero_point, None, value)
+        graph.insert_before(node, dq)
+        node.replace_input_with(index, dq.outputs[0])
+
+    for name, value in plan.tensors.items():
+        if _is_constant(value):
+            continue
+        p = params[name]
+        scale = writer.constant(f"{name}_scale", np.float32(p.scale))
+        zero_point = writer.constant(f"{name}_zero_point", p.zero_point)
+        q_out = ir.Value(name=writer.names(f"{name}_quantized"),
+                         type=ir.TensorType(ir.DataType.from_numpy(p.zero_point.dtype)), shape=value.shape)
+        dq_out = ir.Value(name=writer.names(f"{name}_dequantized"), type=value.type, shape=value.shape)
+        was_output = value.is_graph_output()
+        value.replace_all_uses_with(dq_out, replace_graph_outputs=True)
+        if was_output:  # keep the graph output's name on the dequantized value
+            original = value.name
+            value.name = writer.names(f"{original}_float")
+            dq_out.name = original
+        q = ir.Node("", "QuantizeLinear", [value, scale, zero_point], outputs=[q_out],
+                    name=writer.names(f"{name}_QuantizeLinear"))
+        dq = ir.Node("", "DequantizeLinear", [q_out, scale, zero_point], outputs=[dq_out],
+                     name=writer.names(f"{name}_DequantizeLinear"))
+        producer = value.producer()
+        if producer is not None:
+            graph.insert_after(producer, [q, dq])
+        else:
+            graph.insert_before(graph.node(0), [q, dq])
+    return params

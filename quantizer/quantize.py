@@ -1,0 +1,88 @@
+"""Stage 3: turn a stage-1 model plus activation ranges into an int8 QDQ model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as ir_passes
+
+from .errors import ModelError, UsageError
+from .model_io import load_model
+from .qdq.insert import insert_qdq
+from .qdq.params import ACTIVATION_DTYPES, WEIGHT_QMAX, ActivationParams, resolve_weight_range
+from .qdq.plan import QuantPlan, build_plan
+
+
+@dataclass
+class QuantizeOutcome:
+    model: onnx.ModelProto
+    plan: QuantPlan
+    params: dict[str, ActivationParams]
+    weight_range: str
+
+
+def _plan_with_ranges(model: ir.Model, ranges: Mapping, exclude: set[str]) -> QuantPlan:
+    """Build the plan; nodes touching a tensor with no range fall back to float."""
+    skip, reasons = set(exclude), {}
+    while True:
+        plan = build_plan(model, skip)
+        missing = {t for t in plan.calibrated_tensors if t not in ranges}
+        if not missing:
+            plan.float_reasons.update(reasons)
+            return plan
+        for node in plan.quantized_nodes + plan.absorbed_nodes:
+            touched = {v.name for v in node.inputs if v is not None} | {v.name for v in node.outputs}
+            if touched & missing:
+                skip.add(node.name)
+                reasons[node.name] = f"no range for tensor '{min(touched & missing)}'"
+
+
+def _validate_ranges(ranges: Mapping) -> dict[str, tuple[float, float]]:
+    checked = {}
+    for name, pair in ranges.items():
+        try:
+            low, high = (float(v) for v in pair)
+        except (TypeError, ValueError):
+            raise UsageError(f"range for tensor '{name}' must be two numbers [min, max], got {pair!r}") from None
+        if not (low <= high) or low != low or high != high:
+            raise UsageError(f"range for tensor '{name}' has min > max or NaN: [{low}, {high}]")
+        checked[name] = (low, high)
+    return checked
+
+
+def quantize_with_plan(model, ranges: Mapping, activation_dtype: str = "int8",
+                       exclude: Iterable[str] = (), weight_range: str = "auto") -> QuantizeOutcome:
+    if activation_dtype not in ACTIVATION_DTYPES:
+        raise UsageError(f"activation dtype must be one of {', '.join(ACTIVATION_DTYPES)}, got {activation_dtype!r}")
+    if weight_range not in (*WEIGHT_QMAX, "auto"):
+        raise UsageError(f"weight range must be full, reduced or auto, got {weight_range!r}")
+    weight_range = resolve_weight_range(weight_range)
+    proto = load_model(model)
+    for node in proto.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul"):
+            raise ModelError("the model is already quantized (it has QuantizeLinear/DequantizeLinear nodes)")
+    ranges = _validate_ranges(ranges)
+    ir_model = ir.from_proto(proto)
+    plan = _plan_with_ranges(ir_model, ranges, set(exclude))
+    params = insert_qdq(ir_model, plan, ranges, activation_dtype, WEIGHT_QMAX[weight_range])
+    ir_passes.RemoveUnusedNodesPass()(ir_model)
+    ir_passes.TopologicalSortPass()(ir_model)
+    out = ir.to_proto(ir_model)
+    try:
+        onnx.checker.check_model(out, full_check=True)
+    except Exception as exc:
+        raise ModelError(f"internal: the quantized model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    return QuantizeOutcome(out, plan, params, weight_range)
+
+
+def quantize(model, ranges: Mapping, activation_dtype: str = "int8",
+             exclude: Iterable[str] = (), weight_range: str = "auto") -> onnx.ModelProto:
+    """Insert QDQ into a stage-1 model given ``{tensor: (min, max)}`` activation ranges.
+
+    ``weight_range``: "full" ([-127, 127], the TFLite spec), "reduced" ([-63, 63], exact on
+    x86 CPUs without VNNI), or "auto" (full where the local CPU has VNNI or is not x86).
+    """
+    return quantize_with_plan(model, ranges, activation_dtype, exclude, weight_range).model

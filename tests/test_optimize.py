@@ -1,0 +1,73 @@
+"""Stage 1: the optimized model is the same function, in standard ONNX, opset >= 13."""
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+
+from builders import branchy_model, conv_bn_relu_model
+from conftest import SAMPLE_MODEL, run
+from quantizer import ModelError, UsageError, optimize_model
+
+
+def op_counts(model):
+    return collections.Counter(n.op_type for n in model.graph.node)
+
+
+def test_sample_model_equivalent_on_real_data(digits_test):
+    x, _ = digits_test
+    optimized = optimize_model(SAMPLE_MODEL)
+    np.testing.assert_allclose(run(optimized, {"input": x}), run(SAMPLE_MODEL, {"input": x}), atol=1e-4)
+    counts = op_counts(optimized)
+    assert "BatchNormalization" not in counts  # folded into the Convs
+    assert counts["Conv"] == 3
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_folds_batchnorm_dropout_identity_and_converts_opset(opset):
+    model = conv_bn_relu_model(opset=opset)
+    optimized = optimize_model(model)
+    counts = op_counts(optimized)
+    assert not {"BatchNormalization", "Dropout", "Identity"} & set(counts)
+    assert all(o.version >= 13 for o in optimized.opset_import if o.domain in ("", "ai.onnx"))
+    assert all(n.domain in ("", "ai.onnx") for n in optimized.graph.node)  # standard ONNX only
+    names = [n.name for n in optimized.graph.node]
+    assert all(names) and len(set(names)) == len(names)
+    onnx.checker.check_model(optimized, full_check=True)
+    x = np.random.default_rng(0).normal(size=(3, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(optimized, {"x": x}), run(model, {"x": x}), rtol=1e-4, atol=1e-5)
+
+
+def test_random_inputs_branchy_model():
+    model = branchy_model()
+    optimized = optimize_model(model)
+    for seed in range(3):
+        x = np.random.default_rng(seed).normal(size=(2, 3, 8, 8)).astype(np.float32)
+        np.testing.assert_allclose(run(optimized, {"x": x}), run(model, {"x": x}), rtol=1e-5, atol=1e-6)
+
+
+def test_input_shape_fixing():
+    optimized = optimize_model(conv_bn_relu_model(), {"x": [2, 3, 8, 8]})
+    dims = [d.dim_value for d in optimized.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [2, 3, 8, 8]
+
+
+@pytest.mark.parametrize(
+    "shapes, message",
+    [
+        ({"nope": [1, 3, 8, 8]}, "unknown input 'nope'"),
+        ({"x": [1, 3, 8]}, "rank 3"),
+        ({"x": [1, 4, 8, 8]}, "fixes that input"),
+    ],
+)
+def test_input_shape_errors(shapes, message):
+    with pytest.raises(UsageError, match=message):
+        optimize_model(conv_bn_relu_model(), shapes)
+
+
+def test_too_new_opset_is_refused():
+    model = conv_bn_relu_model()
+    model.opset_import[0].version = onnx.defs.onnx_opset_version() + 1
+    with pytest.raises(ModelError, match="newer than the installed onnx"):
+        optimize_model(model)
