@@ -139,11 +139,17 @@ def cli():
 @click.option("--weight-range", type=click.Choice(["auto", "full", "reduced"]), default="auto", show_default=True,
               help="full: [-127,127]; reduced: [-63,63], exact on x86 without VNNI; auto picks for this CPU.")
 @click.option("--exclude", multiple=True, metavar="NODE", help="Keep this node float (repeatable).")
+@click.option("--save-calibration", type=click.Path(), help="Save the calibration state (.npz) for reuse.")
+@click.option("--load-calibration", multiple=True, type=click.Path(),
+              help="Reuse saved calibration state(s) instead of (or on top of) --data; several are merged.")
+@click.option("--save-ranges", type=click.Path(), help="Write the activation ranges as JSON {tensor: [min, max]}.")
+@click.option("--ranges", "ranges_file", type=click.Path(), help="Use these JSON ranges; no calibration run.")
 @click.option("--optimize-only", is_flag=True, help="Write the stage-1 (optimized float) model only.")
 @click.option("--report", type=click.Path(), help="Write the summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 @_common
 def run(model, method, data, output, percentage, activation_dtype, weight_range, exclude,
+        save_calibration, load_calibration, save_ranges, ranges_file,
         optimize_only, report, quiet, input_shapes, debug):
     """Optimize, calibrate and quantize MODEL to int8 QDQ ONNX."""
 
@@ -159,16 +165,25 @@ def run(model, method, data, output, percentage, activation_dtype, weight_range,
             if not quiet:
                 click.echo(f"wrote {out}")
             return
+        from quantizer.calibration_state import load_ranges, save_ranges as write_ranges
+
         calib = CalibrationMethod.parse(method)
-        if not data:
-            raise UsageError("--data is required: a folder of .npy/.npz calibration samples")
+        if not (data or load_calibration or ranges_file):
+            raise UsageError("--data is required: a folder of .npy/.npz calibration samples "
+                             "(or --load-calibration STATE / --ranges JSON)")
         if not 0 < percentage <= 100:
             raise UsageError(f"--percentile must be in (0, 100], got {percentage}")
+        for path in (save_calibration, save_ranges, report):
+            if path:
+                check_output_path(path, model)
         result = quantize_model(
             model, data, calib, percentage=percentage, input_shapes=shapes,
             activation_dtype=activation_dtype, weight_range=weight_range, exclude=exclude,
-            show_progress=False if quiet else None,
+            show_progress=False if quiet else None, load_calibration=load_calibration,
+            save_calibration=save_calibration, ranges=load_ranges(ranges_file) if ranges_file else None,
         )
+        if save_ranges:
+            write_ranges(result.ranges, save_ranges)
         size = save_model_atomic(result.model, out)
         result.summary["size_bytes"]["after"] = size
         result.summary["output"] = str(out)

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from quantizer.calibrators import CalibrationMethod, TensorStatistics, range_function
 
+from .calibration_state import CalibrationState, load_state, model_fingerprint, save_state
 from .dataset import count_samples, input_specs, iter_samples
 from .errors import CalibrationDataError, ModelError
 from .model_io import load_model
@@ -40,7 +41,8 @@ class Calibrator:
     """
 
     def __init__(self, model, method="MIN_MAX_ASYM", percentage: float = 99.99,
-                 exclude: Iterable[str] = (), show_progress: bool | None = None):
+                 exclude: Iterable[str] = (), show_progress: bool | None = None,
+                 keep_histograms: bool | None = None):
         self.model = load_model(model)
         self.method = CalibrationMethod.parse(method)
         self.range_fn = range_function(self.method)  # fails early for unbuilt methods
@@ -49,9 +51,31 @@ class Calibrator:
         plan = build_plan(ir.from_proto(self.model), set(exclude))
         self.tensors = plan.calibrated_tensors
         self.specs = input_specs(self.model)
-        self.statistics = {name: TensorStatistics() for name in self.tensors}
+        # MIN_MAX alone needs no histogram; keep them when the state may be reused.
+        histograms = keep_histograms if keep_histograms is not None else self.method.family != "MIN_MAX"
+        self.statistics = {name: TensorStatistics(with_histogram=histograms) for name in self.tensors}
+        self.fingerprint = model_fingerprint(self.model)
         self.samples_seen = 0
         self._session = None
+
+    @property
+    def state(self) -> CalibrationState:
+        return CalibrationState(self.fingerprint, self.samples_seen, self.statistics)
+
+    def save_state(self, path) -> None:
+        """Write the statistics so another method's ranges need no model run."""
+        save_state(self.state, path)
+
+    def load_state(self, state) -> None:
+        """Merge a saved state (path or CalibrationState) into this calibrator's."""
+        loaded = load_state(state) if not isinstance(state, CalibrationState) else state
+        if loaded.fingerprint != self.fingerprint:
+            raise CalibrationDataError(
+                "the calibration state was collected on a different model (fingerprint "
+                f"{loaded.fingerprint[:12]} != {self.fingerprint[:12]}); collect it again for this model"
+            )
+        merged = self.state.merge(loaded)
+        self.statistics, self.samples_seen = merged.statistics, merged.samples
 
     def _session_for_run(self) -> ort.InferenceSession:
         if self._session is None:
@@ -96,9 +120,17 @@ class Calibrator:
         if self.samples_seen == 0:
             raise CalibrationDataError("no calibration samples were given")
         ranges = {}
-        for name, stats in self.statistics.items():
+        for name in self.tensors:
+            stats = self.statistics.get(name)
+            if stats is None:
+                continue  # not in a loaded state: its nodes stay float
             if stats.count == 0:
-                raise CalibrationDataError(f"tensor '{name}' had no finite values in any calibration sample")
+                raise CalibrationDataError(f"tensor '{name}' had no finite values (all NaN/Inf) in any calibration sample")
+            if not stats.with_histogram and self.method.family != "MIN_MAX":
+                raise CalibrationDataError(
+                    f"the calibration state has no histograms (collected for min_max); "
+                    f"collect again to use {self.method.value.lower()}"
+                )
             low, high = self.range_fn(stats, self.method.symmetric, percentage=self.percentage)
             ranges[name] = (float(low), float(high))
         return ranges

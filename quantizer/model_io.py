@@ -52,19 +52,25 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
     return out
 
 
-def save_model_atomic(proto: onnx.ModelProto, output: str | os.PathLike) -> int:
-    """Write to a temporary file beside the target, then rename: never half-written.
-
-    Returns the size in bytes of the written file.
-    """
-    out = Path(output)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent or ".")
+def write_atomic(path: str | os.PathLike, write) -> None:
+    """Call ``write(handle)`` on a temporary file beside ``path``, then rename it into
+    place: a failure or Ctrl-C never leaves a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(proto.SerializeToString(deterministic=True))
-        os.replace(tmp, out)
+            write(handle)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would surprise users
+        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return out.stat().st_size
+
+
+def save_model_atomic(proto: onnx.ModelProto, output: str | os.PathLike) -> int:
+    """Write the model atomically; returns the size in bytes of the written file."""
+    write_atomic(output, lambda handle: handle.write(proto.SerializeToString(deterministic=True)))
+    return Path(output).stat().st_size

@@ -37,8 +37,16 @@ def quantize_model(
     weight_range: str = "auto",
     exclude: Iterable[str] = (),
     show_progress: bool | None = None,
+    load_calibration: Sequence = (),
+    save_calibration=None,
+    ranges: Mapping[str, Sequence[float]] | None = None,
 ) -> QuantizationResult:
-    """optimize -> calibrate -> quantize.  ``dataset`` is a folder or an iterable of samples."""
+    """optimize -> calibrate -> quantize.
+
+    ``dataset`` is a folder or an iterable of samples (or None when the statistics come
+    from ``load_calibration`` states, or the ranges are given directly).
+    ``save_calibration`` writes the state so other methods can reuse it without a model run.
+    """
     timings = {}
     start = time.perf_counter()
     original = load_model(model)
@@ -46,9 +54,23 @@ def quantize_model(
     timings["optimize"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    calibrator = Calibrator(optimized, method, percentage, exclude=exclude, show_progress=show_progress)
-    calibrator.collect_data(dataset)
-    ranges = calibrator.compute_range()
+    calibration_info = {"method": "given ranges", "samples": 0, "nonfinite_values": {}}
+    if ranges is None:
+        calibrator = Calibrator(optimized, method, percentage, exclude=exclude, show_progress=show_progress,
+                                keep_histograms=True if (save_calibration or load_calibration) else None)
+        for state in load_calibration:
+            calibrator.load_state(state)
+        if dataset is not None:
+            calibrator.collect_data(dataset)
+        if save_calibration is not None:
+            calibrator.save_state(save_calibration)
+        ranges = calibrator.compute_range()
+        calibration_info = {
+            "method": calibrator.method.value,
+            "samples": calibrator.samples_seen,
+            "nonfinite_values": {n: s.nonfinite for n, s in calibrator.statistics.items() if s.nonfinite},
+        }
+    ranges = dict(ranges)
     timings["calibrate"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -56,12 +78,7 @@ def quantize_model(
     timings["quantize"] = time.perf_counter() - start
 
     summary = build_summary(original, optimized, outcome, timings)
-    summary["calibration"] = {
-        "method": calibrator.method.value,
-        "samples": calibrator.samples_seen,
-        "tensors": len(ranges),
-        "nonfinite_values": {n: s.nonfinite for n, s in calibrator.statistics.items() if s.nonfinite},
-    }
+    summary["calibration"] = {**calibration_info, "tensors": len(ranges)}
     return QuantizationResult(outcome.model, ranges, summary)
 
 
