@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 BINS = 2048
+# A tensor larger than this adds an evenly strided subsample of about this many values to
+# its histogram (min/max/count stay exact): 64 samples still give millions of points per
+# tensor, and the histogram cost stops growing with the activation size.
+HISTOGRAM_SAMPLE_CAP = 1 << 17
 _MANTISSA_GUARD = 50
 
 
@@ -137,10 +141,18 @@ class TensorStatistics:
 
     def _add_to_histogram(self, values: np.ndarray, low: float, high: float) -> None:
         self._coarsen_to(self._target_level())
-        scale = 2.0 ** -self.level
-        low_index, high_index = math.floor(low * scale), math.floor(high * scale)
+        level_scale = 2.0 ** -self.level
+        low_index, high_index = math.floor(low * level_scale), math.floor(high * level_scale)
         self._place(low_index, high_index)
-        indices = np.floor(values.astype(np.float64, copy=False).ravel() * scale).astype(np.int64)
+        flat = values.ravel()
+        if flat.size > HISTOGRAM_SAMPLE_CAP:
+            flat = flat[:: -(-flat.size // HISTOGRAM_SAMPLE_CAP)]
+        # x * 2**-level and its floor are exact: in float32 when the scale is >= 1 and
+        # representable (no underflow can flip a tiny negative to -0), else in float64.
+        dtype = np.float32 if flat.dtype == np.float32 and -120 <= self.level <= 0 else np.float64
+        scaled = flat.astype(dtype, copy=False) * dtype(level_scale)
+        np.floor(scaled, out=scaled)
+        indices = scaled.astype(np.int64)
         indices -= self.offset
         self.counts += np.bincount(indices, minlength=self.counts.size)
 
