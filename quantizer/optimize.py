@@ -97,6 +97,7 @@ _FOLDING_RULES = pattern.RewriteRuleSet(
         for with_bias in (False, True)
     ]
     + [
+        common_rules.affine_conv_fusion_rule,  # scalar Mul+Add before a 1x1 unpadded Conv
         common_rules.fuse_batchnorm_into_conv_rule,
         common_rules.fuse_batchnorm_into_conv_transpose_rule,
         common_rules.fuse_batchnorm_into_gemm_rule,
