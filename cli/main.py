@@ -99,6 +99,7 @@ def _format_summary(summary: dict, output: Path) -> str:
             lines.append(f"  warning: {count} NaN/Inf values in '{name}' were ignored")
     lines.append(f"weights: int8 {summary['weight_range']} range; activations: {summary['activation_dtype']}")
     lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in summary["seconds"].items()))
+    lines.extend(f"note: {note}" for note in summary.get("notes", []))
     return "\n".join(lines)
 
 

@@ -27,23 +27,23 @@ MIN_OPSET = 13
 
 
 class _ConvChannelAffine(pattern.RewriteRuleClassBase):
-    """Conv(x, w[, b]) followed by Add or Mul with a per-channel constant -> one Conv.
+    """Conv/ConvTranspose(x, w[, b]) then Add or Mul by a per-channel constant -> one node.
 
     onnxscript folds only scalar affine ops; exporters such as Paddle's emit the Conv bias
     as a separate Add of a [1, C, 1, 1] constant, which blocks BatchNorm folding and adds a
     float op between the Conv and its activation.
     """
 
-    def __init__(self, op_type: str, with_bias: bool):
-        super().__init__(f"FoldConv{'Bias' if with_bias else ''}{op_type}")
+    def __init__(self, conv_type: str, op_type: str, with_bias: bool):
+        super().__init__(f"Fold{conv_type}{'Bias' if with_bias else ''}{op_type}")
+        self.conv_type = conv_type
+        self.axis = 0 if conv_type == "Conv" else 1  # output channels of the weight
         self.op_type = op_type
         self.with_bias = with_bias
 
     def pattern(self, op, x, w, b, c):
-        if self.with_bias:
-            conv = op.Conv(x, w, b, _allow_other_attributes=True, _outputs=["conv_out"])
-        else:
-            conv = op.Conv(x, w, _allow_other_attributes=True, _outputs=["conv_out"])
+        inputs = (x, w, b) if self.with_bias else (x, w)
+        conv = getattr(op, self.conv_type)(*inputs, _allow_other_attributes=True, _outputs=["conv_out"])
         return getattr(op, self.op_type)(conv, c)
 
     def _channel_values(self, w: ir.Value, c: ir.Value) -> np.ndarray | None:
@@ -51,7 +51,7 @@ class _ConvChannelAffine(pattern.RewriteRuleClassBase):
             return None
         weight = w.const_value.numpy()
         const = c.const_value.numpy()
-        channels = weight.shape[0]
+        channels = weight.shape[self.axis]
         if const.size == 1:
             return np.full(channels, const.reshape(()), dtype=weight.dtype)
         rank = weight.ndim  # conv output rank equals weight rank
@@ -66,6 +66,9 @@ class _ConvChannelAffine(pattern.RewriteRuleClassBase):
         result = pattern.MatchResult()
         if len(conv_out.uses()) != 1 or conv_out.is_graph_output():
             return result.fail("conv output has other uses")
+        group = conv_out.producer().attributes.get("group")
+        if self.conv_type == "ConvTranspose" and group is not None and group.as_int() != 1:
+            return result.fail("grouped ConvTranspose")
         if self.with_bias and b.const_value is None:
             return result.fail("conv bias is not constant")
         for value in (w, b) if self.with_bias else (w,):
@@ -78,21 +81,25 @@ class _ConvChannelAffine(pattern.RewriteRuleClassBase):
     def rewrite(self, op, x, w, c, conv_out, b=None, **_):
         weight = w.const_value.numpy()
         values = self._channel_values(w, c)
-        bias = b.const_value.numpy() if self.with_bias else np.zeros(weight.shape[0], weight.dtype)
+        channels = weight.shape[self.axis]
+        bias = b.const_value.numpy() if self.with_bias else np.zeros(channels, weight.dtype)
         if self.op_type == "Add":
             new_w, new_b = weight, bias + values
         else:
-            new_w = weight * values.reshape((-1,) + (1,) * (weight.ndim - 1))
+            shape = [1] * weight.ndim
+            shape[self.axis] = channels
+            new_w = weight * values.reshape(shape)
             new_b = bias * values
         attributes = conv_out.producer().attributes
         w_init = op.initializer(ir.tensor(new_w.astype(weight.dtype)), name=f"{w.name}_folded")
         b_init = op.initializer(ir.tensor(new_b.astype(weight.dtype)), name=f"{w.name}_bias_folded")
-        return op.Conv(x, w_init, b_init, **attributes)
+        return getattr(op, self.conv_type)(x, w_init, b_init, **attributes)
 
 
 _FOLDING_RULES = pattern.RewriteRuleSet(
     [
-        _ConvChannelAffine.rule(op_type, with_bias)
+        _ConvChannelAffine.rule(conv_type, op_type, with_bias)
+        for conv_type in ("Conv", "ConvTranspose")
         for op_type in ("Add", "Mul")
         for with_bias in (False, True)
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import platform
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
@@ -78,6 +79,11 @@ def quantize_model(
     timings["quantize"] = time.perf_counter() - start
 
     summary = build_summary(original, optimized, outcome, timings)
+    if activation_dtype == "int8" and platform.machine().lower() in ("x86_64", "amd64"):
+        summary["notes"].append(
+            "onnxruntime on x86 fuses uint8 activations into integer kernels where int8 often stays "
+            "float (DQ/Q around float ops); for CPU deployment try --activation-dtype uint8"
+        )
     summary["calibration"] = {**calibration_info, "tensors": len(ranges)}
     return QuantizationResult(outcome.model, ranges, summary)
 
@@ -102,6 +108,7 @@ def build_summary(original: onnx.ModelProto, optimized: onnx.ModelProto, outcome
         "weight_range": outcome.weight_range,
         "size_bytes": {"before": _model_bytes(original), "after": _model_bytes(outcome.model)},
         "seconds": {k: round(v, 3) for k, v in timings.items()},
+        "notes": [],
     }
 
 

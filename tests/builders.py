@@ -104,3 +104,29 @@ def two_input_model() -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 4, "W"])],
         inits,
     )
+
+
+def conv_affine_model() -> onnx.ModelProto:
+    """Paddle-style exports: Conv/ConvTranspose then Add of a [1,C,1,1] bias, Mul, BN."""
+    c = 4
+    inits = [
+        _init("w", RNG.normal(0, 0.5, (c, 3, 3, 3)).astype(np.float32)),
+        _init("bias", RNG.normal(0, 0.1, (1, c, 1, 1)).astype(np.float32)),
+        _init("scale", RNG.uniform(0.5, 2, (1, c, 1, 1)).astype(np.float32)),
+        _init("wt", RNG.normal(0, 0.5, (c, 2, 2, 2)).astype(np.float32)),
+        _init("bias_t", RNG.normal(0, 0.1, (1, 2, 1, 1)).astype(np.float32)),
+        _init("gamma", RNG.uniform(0.5, 1.5, 2).astype(np.float32)),
+        _init("beta", RNG.normal(0, 0.1, 2).astype(np.float32)),
+        _init("mean", RNG.normal(0, 0.1, 2).astype(np.float32)),
+        _init("var", RNG.uniform(0.5, 1.5, 2).astype(np.float32)),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c", "bias"], ["cb"], name="add_bias"),
+        helper.make_node("Mul", ["scale", "cb"], ["cs"], name="mul_scale"),
+        helper.make_node("Relu", ["cs"], ["r"], name="relu"),
+        helper.make_node("ConvTranspose", ["r", "wt"], ["t"], name="deconv", strides=[2, 2]),
+        helper.make_node("Add", ["t", "bias_t"], ["tb"], name="add_bias_t"),
+        helper.make_node("BatchNormalization", ["tb", "gamma", "beta", "mean", "var"], ["y"], name="bn"),
+    ]
+    return make_model(nodes, [float_input()], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 16, 16])], inits)

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from builders import branchy_model, conv_bn_relu_model
+from builders import branchy_model, conv_affine_model, conv_bn_relu_model
 from conftest import SAMPLE_MODEL, run
 from quantizer import ModelError, UsageError, optimize_model
 
@@ -71,3 +71,11 @@ def test_too_new_opset_is_refused():
     model.opset_import[0].version = onnx.defs.onnx_opset_version() + 1
     with pytest.raises(ModelError, match="newer than the installed onnx"):
         optimize_model(model)
+
+
+def test_per_channel_affine_folds_into_conv_and_conv_transpose():
+    model = conv_affine_model()
+    optimized = optimize_model(model)
+    assert op_counts(optimized) == {"Conv": 1, "Relu": 1, "ConvTranspose": 1}
+    x = np.random.default_rng(1).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(optimized, {"x": x}), run(model, {"x": x}), rtol=1e-4, atol=1e-5)
