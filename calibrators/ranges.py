@@ -1,8 +1,8 @@
 """Range functions: each maps a tensor's statistics to a (min, max) range.
 
 Methods are data: RANGE_FUNCTIONS maps a method family to a pure function
-``f(stats, symmetric, **options) -> (lo, hi)``.  The histogram families land with the
-calibrators issue; until then they fail with a clear message.
+``f(stats, symmetric, **options) -> (lo, hi)``.  Histogram families live in
+histogram_methods.py.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Callable
 
 from quantizer.errors import UsageError
 
+from .histogram_methods import entropy_range, mse_range, percentile_range, sqnr_range
 from .methods import CalibrationMethod
 from .statistics import TensorStatistics
 
@@ -31,6 +32,10 @@ def min_max_range(stats: TensorStatistics, symmetric: bool, **_options) -> Range
 
 RANGE_FUNCTIONS: dict[str, Callable[..., Range]] = {
     "MIN_MAX": min_max_range,
+    "PERCENTILE": percentile_range,
+    "ENTROPY": entropy_range,
+    "MSE": mse_range,
+    "SQNR": sqnr_range,
 }
 
 

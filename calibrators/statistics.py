@@ -41,9 +41,14 @@ class Histogram:
         return self.lo + self.width * (np.arange(len(self.counts)) + 0.5)
 
     def folded(self) -> "Histogram":
-        """Histogram of |x| on [0, ...): negative bin g lands on bin -g-1."""
+        """Histogram of |x|: negative bin g lands on bin -g-1 (bins never grow past len)."""
         start = int(round(self.lo / self.width))
-        indices = start + np.arange(len(self.counts))
+        size = len(self.counts)
+        if start >= 0:  # all values >= 0
+            return self
+        if start + size <= 0:  # all values < 0: mirror
+            return Histogram(self.counts[::-1].copy(), -(start + size) * self.width, self.width)
+        indices = start + np.arange(size)
         target = np.where(indices >= 0, indices, -indices - 1)
         folded = np.bincount(target, weights=self.counts, minlength=int(target.max()) + 1)
         return Histogram(folded, 0.0, self.width)

@@ -98,10 +98,14 @@ def test_missing_output_directory(tmp_path):
     assert_one_line_error(r, USAGE, "output directory does not exist")
 
 
-def test_unknown_and_unbuilt_methods(out):
+def test_unknown_method(out):
     assert_one_line_error(invoke(SAMPLE_MODEL, "--calib", "kl", "--data", SAMPLE_CALIB, "-o", out), USAGE, "unknown calibration method 'kl'")
-    assert_one_line_error(invoke(SAMPLE_MODEL, "--calib", "Entropy_Sym", "--data", SAMPLE_CALIB, "-o", out), USAGE, "not implemented yet")
     assert not out.exists()
+
+
+def test_bad_percentile(out):
+    r = invoke(SAMPLE_MODEL, "--calib", "percentile_sym", "--percentile", "0", "--data", SAMPLE_CALIB, "-o", out)
+    assert_one_line_error(r, USAGE, "--percentile must be in (0, 100]")
 
 
 def test_bad_input_shape_option(out):

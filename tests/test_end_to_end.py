@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from conftest import SAMPLE_CALIB, SAMPLE_MODEL, run
-from quantizer import quantize_model
+from quantizer import CalibrationMethod, quantize_model
 
 
 def top1(model, x, y):
@@ -26,6 +26,14 @@ def test_api_accuracy_within_one_point(digits_test, method, dtype):
     assert float_top1 - int8_top1 <= 0.01, (float_top1, int8_top1)
     assert result.summary["nodes"]["quantized"] >= 7
     assert result.summary["calibration"]["samples"] == 64
+
+
+@pytest.mark.parametrize("method", [m.value for m in CalibrationMethod if m.family != "MIN_MAX"])
+def test_every_histogram_method_end_to_end(digits_test, method):
+    x, y = digits_test
+    result = quantize_model(SAMPLE_MODEL, SAMPLE_CALIB, method, activation_dtype="uint8", show_progress=False)
+    assert top1(SAMPLE_MODEL, x, y) - top1(result.model, x, y) <= 0.02
+    assert result.summary["calibration"]["method"] == method
 
 
 def test_python_iterable_dataset_gives_same_model_as_folder():

@@ -35,7 +35,12 @@ def activation_params(low: float, high: float, dtype: str = "int8") -> Activatio
     scale = np.float32((high - low) / (info.max - info.min))
     if not np.isfinite(scale) or scale <= _TINY:
         scale = np.float32(1.0)  # an all-zero tensor: any scale represents it exactly
-    zero_point = np.clip(np.round(info.min - low / scale), info.min, info.max)
+    if high > 0 and abs(low + high) <= 1e-7 * high:
+        # A symmetric range [-a, a]: the exact zero point is the grid's midpoint minus a
+        # half step; pick it deterministically instead of by float rounding noise.
+        zero_point = (info.min + info.max + 1) // 2
+    else:
+        zero_point = np.clip(np.round(info.min - low / scale), info.min, info.max)
     return ActivationParams(scale=scale, zero_point=np_dtype(zero_point))
 
 
