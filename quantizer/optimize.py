@@ -96,6 +96,40 @@ class _ConvChannelAffine(pattern.RewriteRuleClassBase):
         return getattr(op, self.conv_type)(x, w_init, b_init, **attributes)
 
 
+class _ScaleIntoConv(pattern.RewriteRuleClassBase):
+    """Mul(x, scalar) feeding a Conv -> scale the Conv's weights instead.
+
+    Exact for any padding (zero padding stays zero under scaling), unlike onnxscript's
+    affine rule, which also needs the offset and therefore pads=0.
+    """
+
+    def __init__(self, with_bias: bool):
+        super().__init__(f"FoldScalarMulIntoConv{'Bias' if with_bias else ''}")
+        self.with_bias = with_bias
+
+    def pattern(self, op, x, s, w, b):
+        scaled = op.Mul(x, s, _outputs=["scaled"])
+        inputs = (scaled, w, b) if self.with_bias else (scaled, w)
+        return op.Conv(*inputs, _allow_other_attributes=True, _outputs=["conv_out"])
+
+    def check(self, context, x, s, w, scaled, conv_out, b=None, **_):
+        result = pattern.MatchResult()
+        if s.const_value is None or s.const_value.numpy().size != 1:
+            return result.fail("not a scalar constant")
+        if len(scaled.uses()) != 1 or scaled.is_graph_output():
+            return result.fail("scaled value has other uses")
+        if w.const_value is None or len(w.uses()) != 1 or w.is_graph_input():
+            return result.fail("weight not a private constant")
+        return result
+
+    def rewrite(self, op, x, s, w, scaled, conv_out, b=None, **_):
+        weight = w.const_value.numpy()
+        factor = s.const_value.numpy().reshape(()).astype(weight.dtype)
+        w_init = op.initializer(ir.tensor(weight * factor), name=f"{w.name}_prescaled")
+        inputs = (x, w_init, b) if self.with_bias else (x, w_init)
+        return op.Conv(*inputs, **conv_out.producer().attributes)
+
+
 _FOLDING_RULES = pattern.RewriteRuleSet(
     [
         _ConvChannelAffine.rule(conv_type, op_type, with_bias)
@@ -105,6 +139,8 @@ _FOLDING_RULES = pattern.RewriteRuleSet(
     ]
     + [
         common_rules.affine_conv_fusion_rule,  # scalar Mul+Add before a 1x1 unpadded Conv
+        _ScaleIntoConv.rule(False),
+        _ScaleIntoConv.rule(True),
         common_rules.fuse_batchnorm_into_conv_rule,
         common_rules.fuse_batchnorm_into_conv_transpose_rule,
         common_rules.fuse_batchnorm_into_gemm_rule,

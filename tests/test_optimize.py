@@ -79,3 +79,22 @@ def test_per_channel_affine_folds_into_conv_and_conv_transpose():
     assert op_counts(optimized) == {"Conv": 1, "Relu": 1, "ConvTranspose": 1}
     x = np.random.default_rng(1).normal(size=(2, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(run(optimized, {"x": x}), run(model, {"x": x}), rtol=1e-4, atol=1e-5)
+
+
+def test_scalar_mul_folds_into_padded_conv():
+    from builders import _init, float_input, make_model
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(2)
+    model = make_model(
+        [helper.make_node("Mul", ["x", "s"], ["xs"], name="prescale"),
+         helper.make_node("Conv", ["xs", "w", "b"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+        [float_input()],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [_init("s", np.float32(1 / 255)), _init("w", rng.normal(size=(4, 3, 3, 3)).astype(np.float32)),
+         _init("b", rng.normal(size=4).astype(np.float32))],
+    )
+    optimized = optimize_model(model)
+    assert op_counts(optimized) == {"Conv": 1}
+    x = rng.uniform(0, 255, size=(2, 3, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(run(optimized, {"x": x}), run(model, {"x": x}), rtol=1e-4, atol=1e-4)
