@@ -2,6 +2,7 @@
 
     quantize MODEL --calib min_max_asym --data ./calib -o model_int8.onnx
     quantize optimize MODEL -o model_opt.onnx
+    quantize edit model_int8.onnx --input-type x=uint8 --output-type y=int8 -o model_npu.onnx
 
 Every failure we can explain is one line on stderr and a documented exit code; a
 traceback only with --debug.
@@ -10,13 +11,14 @@ traceback only with --debug.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 import click
 
 from quantizer.calibrators import CalibrationMethod
-from quantizer.errors import QuantizerError, UsageError
+from quantizer.errors import ModelError, QuantizerError, UsageError
 from quantizer.model_io import check_output_path, load_model, save_model_atomic
 
 EXIT_INTERNAL = 1
@@ -43,6 +45,99 @@ def _parse_shapes(values: tuple[str, ...]) -> dict[str, list[int]]:
         except ValueError:
             raise UsageError(f"--input-shape expects NAME:D1,D2,... (e.g. x:1,3,224,224), got '{text}'") from None
     return shapes
+
+
+def _split_assignment(text: str, option: str, form: str) -> tuple[str, str]:
+    name, sep, value = text.rpartition("=")
+    if not sep or not name or not value:
+        raise UsageError(f"{option} expects {form}, got '{text}'")
+    return name, value
+
+
+def _parse_range(text: str, option: str, form: str, whole: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{option} expects {form}, got '{whole}'") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+        raise UsageError(f"{option}: range must be finite with MIN <= MAX, got '{whole}'")
+    return low, high
+
+
+def _tensor_type(text: str, option: str, whole: str) -> str:
+    if text.lower() not in ("uint8", "int8"):
+        raise UsageError(f"{option} {whole}: unsupported type '{text}'; use uint8 or int8")
+    return text.lower()
+
+
+def _parse_input_types(values: tuple[str, ...]) -> dict[str, str]:
+    types = {}
+    for text in values:
+        name, value = _split_assignment(text, "--input-type", "NAME=uint8|int8 (e.g. x=uint8)")
+        types[name] = _tensor_type(value, "--input-type", text)
+    return types
+
+
+def _parse_output_types(values: tuple[str, ...]) -> dict[str, tuple[str, tuple[float, float] | None]]:
+    form = "NAME=uint8|int8[:MIN,MAX] (e.g. logits=int8 or logits=int8:-10,10)"
+    types = {}
+    for text in values:
+        name, value = _split_assignment(text, "--output-type", form)
+        dtype, sep, range_text = value.partition(":")
+        tensor_range = _parse_range(range_text, "--output-type", form, text) if sep else None
+        types[name] = (_tensor_type(dtype, "--output-type", text), tensor_range)
+    return types
+
+
+def _parse_input_ranges(values: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+    form = "NAME=MIN,MAX (e.g. x=0,1)"
+    ranges = {}
+    for text in values:
+        name, value = _split_assignment(text, "--input-range", form)
+        ranges[name] = _parse_range(value, "--input-range", form, text)
+    return ranges
+
+
+def _check_io_names(model, inputs, outputs) -> None:
+    """Refuse unknown input/output names before a long calibration run."""
+    from quantizer.model_editor import get_output_names, get_pure_input_names
+
+    valid_inputs, valid_outputs = get_pure_input_names(model), get_output_names(model)
+    for option, names in inputs.items():
+        for name in names:
+            if name not in valid_inputs:
+                raise UsageError(f"{option}: unknown input '{name}'; the model's inputs are: {', '.join(valid_inputs)}")
+    for name in outputs:
+        if name not in valid_outputs:
+            raise UsageError(f"--output-type: unknown output '{name}'; the model's outputs are: {', '.join(valid_outputs)}")
+
+
+def _edit_io(model, input_types: dict, output_types: dict) -> list:
+    """Convert the requested inputs/outputs to integers; returns their parameters."""
+    import onnx
+
+    from quantizer.model_editor import ModelEditor
+
+    editor = ModelEditor(model)
+    for name, dtype in input_types.items():
+        editor.convert_input_type(name, dtype)
+    for name, (dtype, tensor_range) in output_types.items():
+        editor.convert_output_type(name, dtype, tensor_range)
+    try:
+        onnx.checker.check_model(editor.model, full_check=True)
+    except Exception as exc:
+        raise ModelError(f"internal: the edited model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    return [io.as_dict() for io in editor.edited]
+
+
+def _format_io(edited: list[dict]) -> list[str]:
+    from quantizer.model_editor import QuantizedIO
+
+    if not edited:
+        return []
+    lines = ["integer inputs/outputs (real = scale * (q - zero_point); also in the model metadata):"]
+    lines.extend(f"  {QuantizedIO(**io).describe()}" for io in edited)
+    return lines
 
 
 def _run_guarded(debug: bool, action) -> None:
@@ -95,11 +190,14 @@ def _format_summary(summary: dict, output: Path) -> str:
         lines.append(
             f"calibration: {calib['method'].lower()} over {calib['samples']} samples, {calib['tensors']} tensors"
         )
+        for name, (low, high) in calib.get("overridden", {}).items():
+            lines.append(f"  range of '{name}' set to [{low:g}, {high:g}] (--input-range)")
         for name, count in calib["nonfinite_values"].items():
             lines.append(f"  warning: {count} NaN/Inf values in '{name}' were ignored")
     lines.append(f"weights: int8 {summary['weight_range']} range; activations: {summary['activation_dtype']}")
     lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in summary["seconds"].items()))
     lines.extend(f"note: {note}" for note in summary.get("notes", []))
+    lines.extend(_format_io(summary.get("io", [])))
     return "\n".join(lines)
 
 
@@ -114,6 +212,16 @@ _COMMON = [
                  help="Fix a dynamic input shape, e.g. x:1,3,224,224 (repeatable)."),
     click.option("--debug", is_flag=True, help="Show tracebacks."),
 ]
+
+
+def _io_type_options(func):
+    """--input-type / --output-type, shared by `run` and `edit`."""
+    func = click.option("--output-type", "output_types", multiple=True, metavar="NAME=TYPE[:MIN,MAX]",
+                        help="Make output NAME uint8/int8 (its DequantizeLinear removed); with MIN,MAX "
+                             "requantize it to that range first (repeatable).")(func)
+    return click.option("--input-type", "input_types", multiple=True, metavar="NAME=TYPE",
+                        help="Make input NAME uint8/int8: the caller feeds the quantized tensor "
+                             "(its QuantizeLinear removed) (repeatable).")(func)
 
 
 def _common(func):
@@ -145,22 +253,31 @@ def cli():
               help="Reuse saved calibration state(s) instead of (or on top of) --data; several are merged.")
 @click.option("--save-ranges", type=click.Path(), help="Write the activation ranges as JSON {tensor: [min, max]}.")
 @click.option("--ranges", "ranges_file", type=click.Path(), help="Use these JSON ranges; no calibration run.")
+@_io_type_options
+@click.option("--input-range", "input_ranges", multiple=True, metavar="NAME=MIN,MAX",
+              help="Quantize input NAME with this range instead of the calibrated one, e.g. x=0,1 "
+                   "for images scaled by 1/255 (raw uint8 pixels then feed --input-type x=uint8).")
 @click.option("--optimize-only", is_flag=True, help="Write the stage-1 (optimized float) model only.")
 @click.option("--report", type=click.Path(), help="Write the summary as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
 @_common
 def run(model, method, data, output, percentage, activation_dtype, weight_range, exclude,
-        save_calibration, load_calibration, save_ranges, ranges_file,
-        optimize_only, report, quiet, input_shapes, debug):
+        save_calibration, load_calibration, save_ranges, ranges_file, input_types, output_types,
+        input_ranges, optimize_only, report, quiet, input_shapes, debug):
     """Optimize, calibrate and quantize MODEL to int8 QDQ ONNX."""
 
     def action():
         from quantizer.optimize import optimize_model
         from quantizer.pipeline import quantize_model
 
-        load_model(model)  # model errors first, before anything else is checked
+        original = load_model(model)  # model errors first, before anything else is checked
         out = check_output_path(output or _default_output(model, "opt" if optimize_only else "int8"), model)
         shapes = _parse_shapes(input_shapes)
+        in_types, out_types = _parse_input_types(input_types), _parse_output_types(output_types)
+        overrides = _parse_input_ranges(input_ranges)
+        if optimize_only and (in_types or out_types or overrides):
+            raise UsageError("--input-type, --output-type and --input-range need quantization, not --optimize-only")
+        _check_io_names(original, {"--input-type": in_types, "--input-range": overrides}, out_types)
         if optimize_only:
             save_model_atomic(optimize_model(model, shapes), out)
             if not quiet:
@@ -182,7 +299,10 @@ def run(model, method, data, output, percentage, activation_dtype, weight_range,
             activation_dtype=activation_dtype, weight_range=weight_range, exclude=exclude,
             show_progress=False if quiet else None, load_calibration=load_calibration,
             save_calibration=save_calibration, ranges=load_ranges(ranges_file) if ranges_file else None,
+            range_overrides=overrides,
         )
+        if in_types or out_types:
+            result.summary["io"] = _edit_io(result.model, in_types, out_types)
         if save_ranges:
             write_ranges(result.ranges, save_ranges)
         size = save_model_atomic(result.model, out)
@@ -209,6 +329,29 @@ def optimize(model, output, input_shapes, debug):
         out = check_output_path(output or _default_output(model, "opt"), model)
         save_model_atomic(optimize_model(model, _parse_shapes(input_shapes)), out)
         click.echo(f"wrote {out}")
+
+    _run_guarded(debug, action)
+
+
+@cli.command("edit")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", type=click.Path(), help="Output model [default: MODEL_edited.onnx].")
+@_io_type_options
+@click.option("-q", "--quiet", is_flag=True, help="No summary.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def edit(model, output, input_types, output_types, quiet, debug):
+    """Make inputs/outputs of an already quantized MODEL uint8/int8 (for NPUs)."""
+
+    def action():
+        proto = load_model(model)
+        out = check_output_path(output or _default_output(model, "edited"), model)
+        in_types, out_types = _parse_input_types(input_types), _parse_output_types(output_types)
+        if not (in_types or out_types):
+            raise UsageError("nothing to edit: give --input-type NAME=uint8|int8 and/or --output-type NAME=uint8|int8")
+        edited = _edit_io(proto, in_types, out_types)
+        save_model_atomic(proto, out)
+        if not quiet:
+            click.echo("\n".join([f"wrote {out}", *_format_io(edited)]))
 
     _run_guarded(debug, action)
 

@@ -1,9 +1,11 @@
 """ONNX int8 quantizer: optimize -> calibrate -> insert QDQ.
 
     from quantizer import optimize_model, Calibrator, quantize, quantize_model
+    from quantizer import ModelEditor, TensorType   # integer model inputs/outputs
 """
 
 from quantizer.calibrators import CalibrationMethod
+from quantizer.model_editor import ModelEditor, TensorType, get_output_names, get_pure_input_names
 
 from .calibrate import Calibrator
 from .errors import CalibrationDataError, ModelError, QuantizerError, UsageError
@@ -15,10 +17,14 @@ __all__ = [
     "CalibrationDataError",
     "CalibrationMethod",
     "Calibrator",
+    "ModelEditor",
     "ModelError",
     "QuantizationResult",
     "QuantizerError",
+    "TensorType",
     "UsageError",
+    "get_output_names",
+    "get_pure_input_names",
     "optimize_model",
     "quantize",
     "quantize_model",

@@ -41,12 +41,15 @@ def quantize_model(
     load_calibration: Sequence = (),
     save_calibration=None,
     ranges: Mapping[str, Sequence[float]] | None = None,
+    range_overrides: Mapping[str, Sequence[float]] | None = None,
 ) -> QuantizationResult:
     """optimize -> calibrate -> quantize.
 
     ``dataset`` is a folder or an iterable of samples (or None when the statistics come
     from ``load_calibration`` states, or the ranges are given directly).
     ``save_calibration`` writes the state so other methods can reuse it without a model run.
+    ``range_overrides`` replaces the ranges of the named tensors after calibration, e.g.
+    ``{"x": (0, 1)}`` so that a uint8 input's parameters are exactly scale 1/255, zero point 0.
     """
     timings = {}
     start = time.perf_counter()
@@ -71,7 +74,7 @@ def quantize_model(
             "samples": calibrator.samples_seen,
             "nonfinite_values": {n: s.nonfinite for n, s in calibrator.statistics.items() if s.nonfinite},
         }
-    ranges = dict(ranges)
+    ranges = {**ranges, **(range_overrides or {})}
     timings["calibrate"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -85,6 +88,8 @@ def quantize_model(
             "float (DQ/Q around float ops); for CPU deployment try --activation-dtype uint8"
         )
     summary["calibration"] = {**calibration_info, "tensors": len(ranges)}
+    if range_overrides:
+        summary["calibration"]["overridden"] = {name: list(map(float, r)) for name, r in range_overrides.items()}
     return QuantizationResult(outcome.model, ranges, summary)
 
 

@@ -8,6 +8,7 @@ from typing import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from ..naming import UniqueNames
 from .params import (
     ActivationParams,
     activation_params,
@@ -19,28 +20,18 @@ from .params import (
 from .plan import QuantPlan, _is_constant
 
 
-class _Names:
-    """Fresh, unique value/node names derived from existing ones."""
-
-    def __init__(self, graph: ir.Graph):
-        self.used: set[str] = set(graph.initializers)
-        for node in graph:
-            self.used.add(node.name or "")
-            self.used.update(v.name for v in node.outputs if v.name)
-        self.used.update(v.name for v in graph.inputs)
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 1
-        while name in self.used:
-            name, i = f"{base}_{i}", i + 1
-        self.used.add(name)
-        return name
+def _graph_names(graph: ir.Graph) -> UniqueNames:
+    used = set(graph.initializers) | {v.name for v in graph.inputs}
+    for node in graph:
+        used.add(node.name or "")
+        used.update(v.name for v in node.outputs if v.name)
+    return UniqueNames(used)
 
 
 class _Writer:
     def __init__(self, graph: ir.Graph):
         self.graph = graph
-        self.names = _Names(graph)
+        self.names = _graph_names(graph)
 
     def constant(self, base: str, array: np.ndarray) -> ir.Value:
         name = self.names(base)
