@@ -10,9 +10,12 @@ traceback only with --debug.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -20,6 +23,8 @@ import click
 from quantizer.calibrators import CalibrationMethod
 from quantizer.errors import ModelError, QuantizerError, UsageError
 from quantizer.model_io import check_output_path, load_model, save_model_atomic
+from quantizer.report import DEFAULT_REPORT_SAMPLES, report_lines
+from quantizer.verify import DEFAULT_MIN_SQNR_DB, WrittenModelCheck, check_emitted, first_sample
 
 EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130
@@ -140,10 +145,27 @@ def _format_io(edited: list[dict]) -> list[str]:
     return lines
 
 
-def _run_guarded(debug: bool, action) -> None:
-    """Run ``action``; map failures to one line and an exit code."""
+@contextlib.contextmanager
+def _quiet_libraries(quiet: bool):
+    if not quiet:
+        yield
+        return
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
     try:
-        action()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+def _run_guarded(debug: bool, action) -> None:
+    """Run ``action``; map failures to one line and an exit code.  Without --debug, library
+    log records and Python warnings (onnx-ir, numpy) are silenced: stderr is ours."""
+    try:
+        with _quiet_libraries(not debug):
+            action()
     except QuantizerError as exc:
         if debug:
             raise
@@ -198,7 +220,27 @@ def _format_summary(summary: dict, output: Path) -> str:
     lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in summary["seconds"].items()))
     lines.extend(f"note: {note}" for note in summary.get("notes", []))
     lines.extend(_format_io(summary.get("io", [])))
+    lines.extend(report_lines(summary))
     return "\n".join(lines)
+
+
+def _note_fidelity(summary: dict, check) -> str | None:
+    """Record the post-write fidelity check in the summary; return the warning, if any."""
+    fidelity = check.fidelity
+    if check.error:
+        summary["notes"].append(check.error)
+    if fidelity is None:
+        if check.sample is None:
+            summary["notes"].append("fidelity check skipped: no calibration samples (--data) to run")
+        return None
+    summary["fidelity"] = fidelity.as_dict()
+    if fidelity.sqnr_db:
+        values = ", ".join(f"{name} {value:.1f} dB" for name, value in fidelity.sqnr_db.items())
+        summary["notes"].append(f"fidelity on calibration sample {fidelity.sample}: output SQNR {values}")
+    warning = fidelity.warning()
+    if warning:
+        summary["notes"].append(f"warning: {warning}")
+    return warning
 
 
 def _write_report(path: str | None, summary: dict) -> None:
@@ -247,7 +289,10 @@ def cli():
 @click.option("--activation-dtype", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True)
 @click.option("--weight-range", type=click.Choice(["auto", "full", "reduced"]), default="auto", show_default=True,
               help="full: [-127,127]; reduced: [-63,63], exact on x86 without VNNI; auto picks for this CPU.")
-@click.option("--exclude", multiple=True, metavar="NODE", help="Keep this node float (repeatable).")
+@click.option("--exclude", multiple=True, metavar="NAME|OPTYPE|GLOB",
+              help="Keep float the nodes whose name or op type matches (fnmatch glob; repeatable).")
+@click.option("--no-protect", is_flag=True,
+              help="Do not keep float the Concat/Split/... nodes whose shared scale would crush a tensor.")
 @click.option("--save-calibration", type=click.Path(), help="Save the calibration state (.npz) for reuse.")
 @click.option("--load-calibration", multiple=True, type=click.Path(),
               help="Reuse saved calibration state(s) instead of (or on top of) --data; several are merged.")
@@ -258,12 +303,18 @@ def cli():
               help="Quantize input NAME with this range instead of the calibrated one, e.g. x=0,1 "
                    "for images scaled by 1/255 (raw uint8 pixels then feed --input-type x=uint8).")
 @click.option("--optimize-only", is_flag=True, help="Write the stage-1 (optimized float) model only.")
-@click.option("--report", type=click.Path(), help="Write the summary as JSON.")
+@click.option("--report", type=click.Path(), help="Write the summary as JSON, with per-tensor SQNR.")
+@click.option("--report-samples", default=DEFAULT_REPORT_SAMPLES, show_default=True, type=click.IntRange(min=0),
+              help="Calibration samples for the per-tensor SQNR of --report (0: skip it).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
+@click.option("--min-sqnr", default=DEFAULT_MIN_SQNR_DB, show_default=True, type=float, metavar="DB",
+              help="Warn (not fail) when an output of the written model has a lower SQNR (dB) vs the "
+                   "float model on the first calibration sample.")
 @_common
 def run(model, method, data, output, percentage, activation_dtype, weight_range, exclude,
         save_calibration, load_calibration, save_ranges, ranges_file, input_types, output_types,
-        input_ranges, optimize_only, report, quiet, input_shapes, debug):
+        input_ranges, optimize_only, report, quiet, input_shapes, debug, no_protect=False,
+        report_samples=DEFAULT_REPORT_SAMPLES, min_sqnr=DEFAULT_MIN_SQNR_DB):
     """Optimize, calibrate and quantize MODEL to int8 QDQ ONNX."""
 
     def action():
@@ -279,7 +330,7 @@ def run(model, method, data, output, percentage, activation_dtype, weight_range,
             raise UsageError("--input-type, --output-type and --input-range need quantization, not --optimize-only")
         _check_io_names(original, {"--input-type": in_types, "--input-range": overrides}, out_types)
         if optimize_only:
-            save_model_atomic(optimize_model(model, shapes), out)
+            save_model_atomic(optimize_model(model, shapes), out, verify=check_emitted)
             if not quiet:
                 click.echo(f"wrote {out}")
             return
@@ -299,18 +350,23 @@ def run(model, method, data, output, percentage, activation_dtype, weight_range,
             activation_dtype=activation_dtype, weight_range=weight_range, exclude=exclude,
             show_progress=False if quiet else None, load_calibration=load_calibration,
             save_calibration=save_calibration, ranges=load_ranges(ranges_file) if ranges_file else None,
-            range_overrides=overrides,
+            range_overrides=overrides, protect=not no_protect,
+            report_samples=report_samples if report else 0,
         )
         if in_types or out_types:
             result.summary["io"] = _edit_io(result.model, in_types, out_types)
         if save_ranges:
             write_ranges(result.ranges, save_ranges)
-        size = save_model_atomic(result.model, out)
+        check = WrittenModelCheck(result.model, model, first_sample(data, original), min_sqnr)
+        size = save_model_atomic(result.model, out, verify=check)
         result.summary["size_bytes"]["after"] = size
         result.summary["output"] = str(out)
+        warning = _note_fidelity(result.summary, check)
         _write_report(report, result.summary)
         if not quiet:
             click.echo(_format_summary(result.summary, out))
+        if warning:
+            click.echo(f"warning: {warning}", err=True)
 
     _run_guarded(debug, action)
 
@@ -327,7 +383,7 @@ def optimize(model, output, input_shapes, debug):
 
         load_model(model)
         out = check_output_path(output or _default_output(model, "opt"), model)
-        save_model_atomic(optimize_model(model, _parse_shapes(input_shapes)), out)
+        save_model_atomic(optimize_model(model, _parse_shapes(input_shapes)), out, verify=check_emitted)
         click.echo(f"wrote {out}")
 
     _run_guarded(debug, action)
@@ -349,9 +405,81 @@ def edit(model, output, input_types, output_types, quiet, debug):
         if not (in_types or out_types):
             raise UsageError("nothing to edit: give --input-type NAME=uint8|int8 and/or --output-type NAME=uint8|int8")
         edited = _edit_io(proto, in_types, out_types)
-        save_model_atomic(proto, out)
+        save_model_atomic(proto, out, verify=check_emitted)
         if not quiet:
             click.echo("\n".join([f"wrote {out}", *_format_io(edited)]))
+
+    _run_guarded(debug, action)
+
+
+@cli.command("tune")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("--data", "data", type=click.Path(), help="Folder of .npy/.npz calibration samples.")
+@click.option("--eval", "eval_script", type=click.Path(),
+              help="Python file defining evaluate(model_path: str) -> float (higher is better).")
+@click.option("--tolerable-loss", default=0.01, show_default=True, type=click.FloatRange(min=0),
+              help="Accepted relative loss of the metric vs the float model (0.01 = 1 %).")
+@click.option("--max-trials", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Most quantized models to evaluate.")
+@click.option("--calib", "methods", multiple=True, metavar="METHOD",
+              help="Calibration methods to try, in order (repeatable) [default: min_max_asym, "
+                   "percentile_asym, entropy_asym, mse_asym, sqnr_asym].")
+@click.option("-o", "--output", type=click.Path(), help="Output model [default: MODEL_int8.onnx].")
+@click.option("--percentile", "percentage", default=99.99, show_default=True, type=float,
+              help="Percentile for the PERCENTILE methods.")
+@click.option("--activation-dtype", type=click.Choice(["int8", "uint8"]), default="int8", show_default=True)
+@click.option("--weight-range", type=click.Choice(["auto", "full", "reduced"]), default="auto", show_default=True)
+@click.option("--exclude", multiple=True, metavar="NAME|OPTYPE|GLOB", help="Keep matching nodes float in every trial.")
+@click.option("--no-protect", is_flag=True, help="No automatic protection of crushed shared-scale tensors.")
+@click.option("--report", type=click.Path(), help="Write the summary and every trial as JSON.")
+@click.option("--report-samples", default=DEFAULT_REPORT_SAMPLES, show_default=True, type=click.IntRange(min=1),
+              help="Calibration samples for the per-tensor SQNR that ranks the fallback nodes.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
+@_common
+def tune(model, data, eval_script, tolerable_loss, max_trials, methods, output, percentage, activation_dtype,
+         weight_range, exclude, no_protect, report, report_samples, quiet, input_shapes, debug):
+    """Quantize MODEL trying methods, then float fallbacks, until the metric of --eval is
+    within --tolerable-loss of the float model's."""
+
+    def action():
+        from quantizer.autotune import DEFAULT_METHODS, autotune, script_evaluator
+
+        load_model(model)
+        out = check_output_path(output or _default_output(model, "int8"), model)
+        if not data:
+            raise UsageError("--data is required: a folder of .npy/.npz calibration samples")
+        if not eval_script:
+            raise UsageError("--eval is required: a Python file defining evaluate(model_path: str) -> float")
+        if not 0 < percentage <= 100:
+            raise UsageError(f"--percentile must be in (0, 100], got {percentage}")
+        if report:
+            check_output_path(report, model)
+        tried = [CalibrationMethod.parse(m) for m in methods] or list(DEFAULT_METHODS)
+        eval_fn = script_evaluator(eval_script)
+
+        def show(trial):
+            if not quiet:
+                loss = f", loss {trial.loss:.2%}" if trial.loss is not None else ""
+                kept = f", float: {', '.join(trial.excluded)}" if trial.excluded else ""
+                click.echo(f"trial {trial.number}/{max_trials}: {trial.method.lower()}{kept}: metric "
+                           f"{trial.metric:.6g}{loss} -> {'pass' if trial.passed else 'fail'}")
+
+        result = autotune(model, data, eval_fn, tolerable_loss, max_trials, tried,
+                          input_shapes=_parse_shapes(input_shapes), activation_dtype=activation_dtype,
+                          weight_range=weight_range, exclude=exclude, protect=not no_protect,
+                          percentage=percentage, report_samples=report_samples,
+                          show_progress=False if quiet else None, on_trial=show)
+        result.summary["size_bytes"]["after"] = save_model_atomic(result.model, out, verify=check_emitted)
+        result.summary["output"] = str(out)
+        _write_report(report, result.summary)
+        best = result.best
+        if not quiet:
+            click.echo(_format_summary(result.summary, out))
+            click.echo(f"autotune: float metric {result.baseline:.6g}; chose trial {best.number} "
+                       f"({best.method.lower()}, {len(best.excluded)} fallback nodes float): metric {best.metric:.6g}")
+        if not result.passed:
+            click.echo(f"warning: no trial within {tolerable_loss:.2%} of the float metric {result.baseline:.6g} "
+                       f"after {len(result.trials)} trials; wrote the best one (trial {best.number})", err=True)
 
     _run_guarded(debug, action)
 

@@ -2,6 +2,7 @@
 
     from quantizer import optimize_model, Calibrator, quantize, quantize_model
     from quantizer import ModelEditor, TensorType   # integer model inputs/outputs
+    from quantizer import autotune                  # accuracy-driven method/fallback search
 """
 
 from quantizer.calibrators import CalibrationMethod
@@ -11,6 +12,7 @@ from .calibrate import Calibrator
 from .errors import CalibrationDataError, ModelError, QuantizerError, UsageError
 from .optimize import optimize_model
 from .pipeline import QuantizationResult, quantize_model
+from .autotune import TuneResult, autotune
 from .quantize import quantize
 
 __all__ = [
@@ -22,7 +24,9 @@ __all__ = [
     "QuantizationResult",
     "QuantizerError",
     "TensorType",
+    "TuneResult",
     "UsageError",
+    "autotune",
     "get_output_names",
     "get_pure_input_names",
     "optimize_model",

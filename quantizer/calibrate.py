@@ -4,6 +4,7 @@ activation that the QDQ plan quantizes to streaming statistics."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -15,13 +16,14 @@ from tqdm import tqdm
 from quantizer.calibrators import CalibrationMethod, TensorStatistics, range_function
 
 from .calibration_state import CalibrationState, load_state, model_fingerprint, save_state
-from .dataset import count_samples, input_specs, iter_samples
+from .checks import ort_message
+from .dataset import calibration_files, count_samples, input_specs, iter_samples
 from .errors import CalibrationDataError, ModelError
-from .model_io import load_model
+from .model_io import load_model, ort_model_source
 from .qdq.plan import build_plan
 
 
-def _observing_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+def with_extra_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
     """A copy of the model whose outputs also expose the given intermediate tensors."""
     observed = onnx.ModelProto()
     observed.CopyFrom(model)
@@ -30,6 +32,13 @@ def _observing_model(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelPr
         if name not in existing:
             observed.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     return observed
+
+
+def _sample_name(dataset, index: int) -> str:
+    """The file name for folder datasets, else the 0-based index (as the dataset checks say)."""
+    if isinstance(dataset, (str, Path)):
+        return calibration_files(Path(dataset))[index].name
+    return str(index)
 
 
 class Calibrator:
@@ -56,6 +65,7 @@ class Calibrator:
         self.statistics = {name: TensorStatistics(with_histogram=histograms) for name in self.tensors}
         self.fingerprint = model_fingerprint(self.model)
         self.samples_seen = 0
+        self.nonfinite_samples: list[str] = []  # samples whose inputs hold NaN/Inf
         self._session = None
 
     @property
@@ -82,14 +92,15 @@ class Calibrator:
             inputs = {s.name for s in self.specs}
             self._outputs = [t for t in self.tensors if t not in inputs]
             options = ort.SessionOptions()
-            options.log_severity_level = 3
+            options.log_severity_level = 4  # errors reach the user as one line, not as ORT logs
             try:
-                self._session = ort.InferenceSession(
-                    _observing_model(self.model, self._outputs).SerializeToString(),
-                    options, providers=["CPUExecutionProvider"],
-                )
+                with ort_model_source(with_extra_outputs(self.model, self._outputs)) as source:
+                    self._session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
             except Exception as exc:
-                raise ModelError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+                raise ModelError(
+                    f"onnxruntime cannot load the model: {ort_message(exc)}; calibration needs a model that "
+                    "runs in onnxruntime (custom ops must be registered with it)"
+                ) from None
         return self._session
 
     def collect_data(self, dataset) -> None:
@@ -101,12 +112,14 @@ class Calibrator:
         bar = tqdm(samples, total=count_samples(dataset), desc="calibrating", unit="sample",
                    disable=not progress, leave=False)
         for index, sample in enumerate(bar):
+            if not all(np.isfinite(a).all() for a in sample.values() if a.dtype.kind == "f"):
+                self.nonfinite_samples.append(_sample_name(dataset, index))
             try:
                 outputs = session.run(self._outputs, sample)
             except Exception as exc:
                 raise CalibrationDataError(
-                    f"onnxruntime failed on calibration sample {self.samples_seen + 1}: "
-                    f"{str(exc).splitlines()[0]}"
+                    f"onnxruntime failed on calibration sample {_sample_name(dataset, index)}: "
+                    f"{ort_message(exc)}; check that sample's shapes and values against the model"
                 ) from None
             for name, array in zip(self._outputs, outputs):
                 self.statistics[name].update(array)
@@ -116,7 +129,17 @@ class Calibrator:
             self.samples_seen += 1
         bar.close()
 
-    def compute_range(self) -> dict[str, tuple[float, float]]:
+    def compute_range(self, method=None) -> dict[str, tuple[float, float]]:
+        """Ranges by this calibrator's method, or by ``method``: one collected state
+        serves every method (histogram methods need ``keep_histograms``)."""
+        if method is not None:
+            method = CalibrationMethod.parse(method)
+            saved = self.method, self.range_fn
+            self.method, self.range_fn = method, range_function(method)
+            try:
+                return self.compute_range()
+            finally:
+                self.method, self.range_fn = saved
         if self.samples_seen == 0:
             raise CalibrationDataError("no calibration samples were given")
         ranges = {}
@@ -125,7 +148,13 @@ class Calibrator:
             if stats is None:
                 continue  # not in a loaded state: its nodes stay float
             if stats.count == 0:
-                raise CalibrationDataError(f"tensor '{name}' had no finite values (all NaN/Inf) in any calibration sample")
+                hint = ""
+                if self.nonfinite_samples:
+                    hint = (f"; {len(self.nonfinite_samples)} sample(s) have NaN/Inf inputs (first: "
+                            f"{self.nonfinite_samples[0]}), which spread through the model: clean or drop them")
+                raise CalibrationDataError(
+                    f"tensor '{name}' had no finite values (all NaN/Inf) in any calibration sample{hint}"
+                )
             if not stats.with_histogram and self.method.family != "MIN_MAX":
                 raise CalibrationDataError(
                     f"the calibration state has no histograms (collected for min_max); "

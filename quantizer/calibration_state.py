@@ -20,6 +20,7 @@ import onnx
 
 from quantizer.calibrators import TensorStatistics
 
+from . import model_io
 from .errors import CalibrationDataError, UsageError
 from .model_io import write_atomic
 
@@ -28,7 +29,14 @@ FORMAT_VERSION = 1
 
 def model_fingerprint(model: onnx.ModelProto) -> str:
     """sha256 of the stage-1 graph (structure and weights), independent of metadata."""
-    return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
+    if model.graph.ByteSize() < model_io.EXTERNAL_DATA_THRESHOLD:
+        return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
+    digest = hashlib.sha256()  # too large for one protobuf: the structure, then each tensor
+    with model_io.detached_tensor_data(model.graph) as moved:
+        digest.update(model.graph.SerializeToString(deterministic=True))
+        for _, raw in moved:
+            digest.update(raw)
+    return digest.hexdigest()
 
 
 @dataclass

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .errors import CalibrationDataError
+from .errors import CalibrationDataError, UsageError
 
 Sample = dict[str, np.ndarray]
 
@@ -74,6 +74,8 @@ def check_sample(sample: Mapping[str, np.ndarray], specs: list[InputSpec], where
                 raise CalibrationDataError(
                     f"{where}: input '{spec.name}' expects {spec.describe()}, given {given} (wrong shape)"
                 )
+        if array.size == 0:
+            raise CalibrationDataError(f"{where}: input '{spec.name}' is empty ({given}); drop that sample")
         checked[spec.name] = array
     return checked
 
@@ -103,6 +105,8 @@ def iter_samples(dataset: Iterable, specs: list[InputSpec]) -> Iterator[Sample]:
     if isinstance(dataset, (str, Path)):
         yield from iter_folder(Path(dataset), specs)
         return
+    if not isinstance(dataset, Iterable):
+        raise UsageError(f"calibration data must be a folder path or an iterable of samples, got {type(dataset).__name__}")
     for index, item in enumerate(dataset):
         where = f"sample {index}"
         yield check_sample(_as_mapping(item, specs, where), specs, where)
@@ -145,5 +149,8 @@ def iter_folder(folder: Path, specs: list[InputSpec]) -> Iterator[Sample]:
         except CalibrationDataError:
             raise
         except Exception as exc:
-            raise CalibrationDataError(f"cannot read calibration file {path.name}: {exc}") from None
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "pickle" in text:  # numpy's advice to unpickle is wrong for garbage and unsafe
+                text = f"not a {path.suffix} file of plain arrays (save them with np.save / np.savez)"
+            raise CalibrationDataError(f"cannot read calibration file {path.name}: {text}") from None
         yield check_sample(sample, specs, path.name)

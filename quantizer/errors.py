@@ -12,6 +12,13 @@ class QuantizerError(Exception):
     kind = "error"
 
 
+class InternalError(QuantizerError):
+    """A bug of ours (e.g. we built a model that fails onnx.checker): report it."""
+
+    exit_code = 1
+    kind = "internal error"
+
+
 class UsageError(QuantizerError):
     """Bad options or paths on the command line / API call."""
 

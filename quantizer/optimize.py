@@ -20,8 +20,10 @@ import onnxscript.rewriter
 from onnxscript.rewriter import pattern
 from onnxscript.rewriter.rules import common as common_rules
 
+from .checks import checker_failure, converter_failure, invalid_input
 from .errors import ModelError, UsageError
-from .model_io import load_model
+from .model_io import fits_in_protobuf, load_model
+from .subgraphs import repair_subgraph_outputs
 
 MIN_OPSET = 13
 
@@ -172,10 +174,8 @@ def _ensure_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         converted = onnx.version_converter.convert_version(model, MIN_OPSET)
     except Exception as exc:  # the converter raises bare RuntimeError/ValidationError
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(
-            f"cannot convert the model from opset {version} to {MIN_OPSET}: {first_line}"
-        ) from None
+        raise converter_failure(model, version, MIN_OPSET, exc) from None
+    converted.ir_version = max(converted.ir_version, 7)  # IR < 4 wants initializers as inputs
     return converted
 
 
@@ -235,6 +235,9 @@ def optimize_model(model, input_shapes: Mapping[str, Sequence[int]] | None = Non
     try:
         ir_model = ir.from_proto(proto)
     except Exception as exc:
+        reason = checker_failure(proto) if fits_in_protobuf(proto) else None
+        if reason is not None:
+            raise invalid_input(reason) from None
         raise ModelError(f"cannot read the model graph: {exc}") from None
     ir_passes.RemoveInitializersFromInputsPass()(ir_model)
     if input_shapes:
@@ -244,6 +247,7 @@ def optimize_model(model, input_shapes: Mapping[str, Sequence[int]] | None = Non
         onnxscript.rewriter.rewrite(ir_model, _FOLDING_RULES)
         onnxscript.optimizer.optimize_ir(ir_model)
         ir_passes.IdentityEliminationPass()(ir_model)
+        repair_subgraph_outputs(ir_model)  # identity elimination may break If/Loop bodies
         ir_passes.RemoveUnusedNodesPass()(ir_model)
         ir_passes.NameFixPass()(ir_model)
         ir_passes.TopologicalSortPass()(ir_model)

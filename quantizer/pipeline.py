@@ -11,9 +11,13 @@ from typing import Iterable, Mapping, Sequence
 import onnx
 
 from .calibrate import Calibrator
+from .checks import check_stage1, refuse_quantized
 from .model_io import load_model
 from .optimize import optimize_model
+from .protect import PROTECTED_REASON, find_protected
+from .qdq.plan import resolve_exclude
 from .quantize import quantize_with_plan
+from .report import SampleKeeper, report_summary
 
 
 @dataclass
@@ -42,6 +46,8 @@ def quantize_model(
     save_calibration=None,
     ranges: Mapping[str, Sequence[float]] | None = None,
     range_overrides: Mapping[str, Sequence[float]] | None = None,
+    protect: bool = True,
+    report_samples: int = 0,
 ) -> QuantizationResult:
     """optimize -> calibrate -> quantize.
 
@@ -50,12 +56,19 @@ def quantize_model(
     ``save_calibration`` writes the state so other methods can reuse it without a model run.
     ``range_overrides`` replaces the ranges of the named tensors after calibration, e.g.
     ``{"x": (0, 1)}`` so that a uint8 input's parameters are exactly scale 1/255, zero point 0.
+    ``exclude``: node names, op types or fnmatch globs to keep float.  ``protect`` keeps
+    float the shared-parameter nodes whose one scale would crush a tensor (protect.py).
+    ``report_samples`` > 0 adds ``summary["tensors"]``: per-tensor SQNR on that many samples.
     """
     timings = {}
     start = time.perf_counter()
     original = load_model(model)
+    refuse_quantized(original)
     optimized = optimize_model(original, input_shapes)
     timings["optimize"] = time.perf_counter() - start
+    exclude, unmatched = resolve_exclude(optimized.graph.node, exclude)
+    stage1_notes = check_stage1(original, optimized, exclude)  # before the calibration pass
+    keeper = SampleKeeper(dataset, report_samples)
 
     start = time.perf_counter()
     calibration_info = {"method": "given ranges", "samples": 0, "nonfinite_values": {}}
@@ -65,7 +78,7 @@ def quantize_model(
         for state in load_calibration:
             calibrator.load_state(state)
         if dataset is not None:
-            calibrator.collect_data(dataset)
+            calibrator.collect_data(keeper.dataset)
         if save_calibration is not None:
             calibrator.save_state(save_calibration)
         ranges = calibrator.compute_range()
@@ -73,12 +86,15 @@ def quantize_model(
             "method": calibrator.method.value,
             "samples": calibrator.samples_seen,
             "nonfinite_values": {n: s.nonfinite for n, s in calibrator.statistics.items() if s.nonfinite},
+            "nonfinite_samples": calibrator.nonfinite_samples,
         }
     ranges = {**ranges, **(range_overrides or {})}
     timings["calibrate"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    outcome = quantize_with_plan(optimized, ranges, activation_dtype, exclude, weight_range)
+    protected, crushed = find_protected(optimized, ranges, exclude, activation_dtype) if protect else ([], [])
+    outcome = quantize_with_plan(optimized, ranges, activation_dtype, exclude | {p["node"] for p in protected}, weight_range)
+    outcome.plan.float_reasons.update({p["node"]: PROTECTED_REASON for p in protected})
     timings["quantize"] = time.perf_counter() - start
 
     summary = build_summary(original, optimized, outcome, timings)
@@ -90,6 +106,12 @@ def quantize_model(
     summary["calibration"] = {**calibration_info, "tensors": len(ranges)}
     if range_overrides:
         summary["calibration"]["overridden"] = {name: list(map(float, r)) for name, r in range_overrides.items()}
+    summary["protected"] = protected
+    summary["notes"].extend(crushed)
+    summary["notes"].extend(stage1_notes)
+    summary["notes"].extend(f"--exclude '{p}' matches no node name or op type (after optimization)" for p in unmatched)
+    if report_samples > 0:
+        summary.update(report_summary(optimized, outcome, keeper.samples(), ranges, report_samples))
     return QuantizationResult(outcome.model, ranges, summary)
 
 

@@ -6,10 +6,13 @@ never disagree about tensor names.
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import onnx_ir as ir
 
+from ..subgraphs import HAS_SUBGRAPHS, has_subgraphs
 from .rules import ABSORBED_ACTIVATIONS, CALIBRATED, RULES, SHARED, UNIT_INTERVAL, weight_axis
 
 UNIT_RANGE = (0.0, 1.0)
@@ -77,11 +80,15 @@ def _activation_indices(node: ir.Node) -> list[int]:
 
 
 def _ineligible_reason(node: ir.Node) -> str | None:
+    if has_subgraphs(node):
+        return HAS_SUBGRAPHS
     if node.domain not in ("", "ai.onnx"):
         return f"custom-domain op {node.domain}::{node.op_type}"
     if node.op_type not in RULES:
         return f"no int8 placement rule for {node.op_type}"
     for i in _activation_indices(node):
+        if node.inputs[i].dtype is None:
+            return f"type of input '{node.inputs[i].name}' is unknown (not inferable, e.g. after a custom op)"
         if not _is_float(node.inputs[i]):
             return f"input '{node.inputs[i].name}' is not float32"
     if any(not _is_float(out) for out in node.outputs):
@@ -106,16 +113,40 @@ def _absorbing_activation(value: ir.Value, skip: set[str]) -> ir.Node | None:
     return user
 
 
-def build_plan(model: ir.Model, skip: set[str] | frozenset = frozenset()) -> QuantPlan:
-    """Plan the Q/DQ placement; nodes named in ``skip`` stay float ("excluded")."""
+def resolve_exclude(nodes: Iterable, patterns: Iterable[str]) -> tuple[set[str], list[str]]:
+    """Node names matched by keep-float patterns, and the patterns that matched nothing.
+
+    A pattern matches a node whose name or op type equals it or fnmatch-es it (case
+    sensitive), so ``conv1``, ``Softmax`` and ``head/*`` all work.  Equality counts on its
+    own because real node names may contain glob characters (``blocks[0]``).
+    """
+    patterns = list(dict.fromkeys([patterns] if isinstance(patterns, str) else patterns))
+    exact = set(patterns)
+    globs = [p for p in patterns if any(c in p for c in "*?[")]
+    names: set[str] = set()
+    used: set[str] = set()
+    for node in nodes:
+        name = node.name or ""
+        hits = {p for p in (name, node.op_type) if p in exact}
+        hits.update(p for p in globs if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(node.op_type, p))
+        if hits:
+            names.add(name)
+            used |= hits
+    return names, [p for p in patterns if p not in used]
+
+
+def build_plan(model: ir.Model, skip: Iterable[str] = frozenset()) -> QuantPlan:
+    """Plan the Q/DQ placement; nodes matched by ``skip`` (names, op types or globs, see
+    ``resolve_exclude``) stay float ("excluded")."""
     plan = QuantPlan()
     graph = model.graph
+    skip, _ = resolve_exclude(graph, skip)
     candidates: list[ir.Node] = []
     for node in graph:
         reason = "excluded" if node.name in skip else _ineligible_reason(node)
         if reason is None:
             candidates.append(node)
-        elif node.op_type not in ABSORBED_ACTIVATIONS:
+        elif node.op_type not in ABSORBED_ACTIVATIONS or node.name in skip:
             plan.float_reasons[node.name] = reason
 
     def add_tensor(value: ir.Value) -> None:

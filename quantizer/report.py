@@ -1,0 +1,208 @@
+"""Per-tensor diagnostics: how far each quantized activation, as the int8 model sees it,
+is from the float model's tensor.
+
+A QDQ model computes every quantized tensor T in float and then rounds it through
+QuantizeLinear -> DequantizeLinear; the DequantizeLinear output is what the next op
+reads, so comparing it with the float model's T on the same inputs measures the error
+accumulated up to T (its own rounding and clipping plus everything upstream).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .calibrate import with_extra_outputs
+from .dataset import input_specs, iter_samples
+from .errors import CalibrationDataError, ModelError
+
+DEFAULT_REPORT_SAMPLES = 4
+TERMINAL_ROWS = 10
+
+
+def dequantized_names(int8_model: onnx.ModelProto) -> dict[str, str]:
+    """{float tensor name: name of the DequantizeLinear output that replaces it}.
+
+    insert.py feeds T to a QuantizeLinear and names the DequantizeLinear output
+    ``T_dequantized``; a graph output keeps its name on the dequantized value and its
+    float producer's output becomes ``T_float``.  Read the structure, not the names,
+    so suffixes added for uniqueness do not matter.
+    """
+    graph = int8_model.graph
+    outputs = {o.name for o in graph.output}
+    dq_of = {n.input[0]: n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    mapping = {}
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.output[0] not in dq_of:
+            continue
+        dequantized = dq_of[node.output[0]]
+        mapping[dequantized if dequantized in outputs else node.input[0]] = dequantized
+    return mapping
+
+
+def _session(model: onnx.ModelProto, extra_outputs: Iterable[str]) -> ort.InferenceSession:
+    """A session exposing ``extra_outputs``, unoptimized so that every Q/DQ tensor exists."""
+    exposed = with_extra_outputs(model, list(extra_outputs))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(f"onnxruntime cannot load the model for the tensor report: {str(exc).splitlines()[0]}") from None
+
+
+def sqnr_db(signal: float, noise: float) -> float | None:
+    """10 log10(signal / noise); None when undefined (no noise, or no signal)."""
+    if noise <= 0 or signal <= 0:
+        return None
+    return 10.0 * math.log10(signal / noise)
+
+
+def tensor_report(float_model: onnx.ModelProto, int8_model: onnx.ModelProto, samples, params: Mapping,
+                  ranges: Mapping | None = None, max_samples: int = DEFAULT_REPORT_SAMPLES) -> list[dict]:
+    """One entry per quantized activation tensor, worst SQNR first (see ``measure``)."""
+    return measure(float_model, int8_model, samples, params, ranges, max_samples)[0]
+
+
+def report_summary(float_model: onnx.ModelProto, outcome, samples, ranges: Mapping, max_samples: int) -> dict:
+    """The summary keys of the tensor report: "tensors" and "report_samples"."""
+    ranges = {**outcome.plan.fixed_ranges, **ranges}  # Sigmoid/Softmax outputs: [0, 1]
+    entries, used = measure(float_model, outcome.model, samples, outcome.params, ranges, max_samples)
+    return {"tensors": entries, "report_samples": used}
+
+
+def measure(float_model: onnx.ModelProto, int8_model: onnx.ModelProto, samples, params: Mapping,
+            ranges: Mapping | None = None, max_samples: int = DEFAULT_REPORT_SAMPLES) -> tuple[list[dict], int]:
+    """(entries, samples run): one entry per quantized activation tensor, worst SQNR first.
+
+    ``float_model`` is the model that was quantized (the stage-1 model: tensor names must
+    match), ``params`` the ``{tensor: ActivationParams}`` of the quantization, ``ranges``
+    the calibrated ranges (optional, reported as given), ``samples`` anything
+    ``Calibrator.collect_data`` accepts (only the first ``max_samples`` are run; None or
+    empty gives the entries without SQNR).  Each entry: tensor, producer (node, op type),
+    range, scale, zero_point, grid (the range the parameters represent), sqnr_db (None
+    when the int8 tensor is exact), max_abs_error, mse.
+    """
+    mapping = dequantized_names(int8_model)
+    tensors = [name for name in params if name in mapping]
+    producers = {out: node for node in float_model.graph.node for out in node.output}
+    input_names = {s.name for s in input_specs(float_model)}
+
+    sums = {name: np.zeros(4) for name in tensors}  # signal, noise, max |error|, values
+    used = 0
+    if samples is not None and tensors and max_samples > 0:
+        float_outputs = [t for t in tensors if t not in input_names]
+        float_session = _session(float_model, float_outputs)
+        int8_session = _session(int8_model, [mapping[t] for t in tensors])
+        specs = input_specs(float_model)
+        for sample in itertools.islice(iter_samples(samples, specs), max_samples):
+            try:
+                reference = dict(zip(float_outputs, float_session.run(float_outputs, sample)))
+                quantized = int8_session.run([mapping[t] for t in tensors], sample)
+            except Exception as exc:
+                raise CalibrationDataError(f"onnxruntime failed on report sample {used + 1}: {str(exc).splitlines()[0]}") from None
+            for name, approx in zip(tensors, quantized):
+                ref = np.asarray(reference[name] if name in reference else sample[name], np.float64)
+                error = ref - approx
+                acc = sums[name]
+                acc += (np.vdot(ref, ref), np.vdot(error, error), 0.0, ref.size)
+                acc[2] = max(acc[2], float(np.abs(error).max(initial=0.0)))
+            used += 1
+
+    entries = []
+    for name in tensors:
+        p = params[name]
+        info = np.iinfo(p.zero_point.dtype)
+        scale, zero_point = float(p.scale), int(p.zero_point)
+        producer = producers.get(name)
+        signal, noise, max_error, count = sums[name]
+        entry = {
+            "tensor": name,
+            "node": producer.name if producer is not None else None,
+            "op_type": producer.op_type if producer is not None else "input",
+            "range": [float(v) for v in ranges[name]] if ranges and name in ranges else None,
+            "scale": scale,
+            "zero_point": zero_point,
+            "grid": [scale * (info.min - zero_point), scale * (info.max - zero_point)],
+            "sqnr_db": None, "max_abs_error": None, "mse": None,
+        }
+        if used:
+            entry.update(sqnr_db=sqnr_db(signal, noise), max_abs_error=float(max_error), mse=float(noise / max(count, 1)))
+        entries.append(entry)
+    entries.sort(key=_worst_first)
+    return entries, used
+
+
+def _worst_first(entry: dict) -> tuple:
+    db = entry["sqnr_db"]
+    if db is None:  # exact (or no signal at all: then any error is the worst)
+        db = -math.inf if entry["mse"] else math.inf
+    return (db, entry["tensor"])
+
+
+class SampleKeeper:
+    """Keep the first ``n`` samples of a dataset that calibration consumes once.
+
+    A folder is simply read again; a sequence is sliced; a one-shot iterator is wrapped
+    so the samples are remembered as calibration streams them (no second pass exists).
+    """
+
+    def __init__(self, dataset, n: int):
+        self.n, self.kept = n, []
+        self.source = dataset
+        self.dataset = dataset
+        if n > 0 and dataset is not None and not isinstance(dataset, (str, Path)) and not hasattr(dataset, "__getitem__"):
+            self.dataset = self._recording(dataset)
+
+    def _recording(self, dataset):
+        for item in dataset:
+            if len(self.kept) < self.n:
+                self.kept.append(item)
+            yield item
+
+    def samples(self):
+        if self.n <= 0 or self.source is None:
+            return None
+        if self.dataset is not self.source:
+            return self.kept
+        if isinstance(self.source, (str, Path)):
+            return self.source
+        return self.source[: self.n] if isinstance(self.source, (list, tuple)) else [self.source[i] for i in range(min(self.n, len(self.source)))]
+
+
+def report_lines(summary: dict, rows: int = TERMINAL_ROWS) -> list[str]:
+    """Terminal lines for the protected nodes and the worst tensors of ``summary``."""
+    lines = []
+    protected = summary.get("protected") or []
+    if protected:
+        lines.append(f"protected (kept float, --no-protect to disable): {len(protected)} nodes")
+        lines.extend(f"  {p['node']}: {p['reason']}" for p in protected)
+    tensors = summary.get("tensors")
+    if not tensors:
+        return lines
+    samples = summary.get("report_samples", 0)
+    shown = tensors[:rows]
+    more = f"; all {len(tensors)} in the JSON report" if len(tensors) > len(shown) else ""
+    if samples:
+        lines.append(f"per-tensor SQNR, int8 vs float on {samples} samples (worst first{more}):")
+    else:
+        lines.append(f"per-tensor parameters (no samples for SQNR{more}):")
+    lines.append(f"  {'SQNR dB':>8}  {'scale':>10}  {'zp':>4}  {'range':<23} tensor (node)")
+    for entry in shown:
+        db = entry["sqnr_db"]
+        if db is not None:
+            db_text = f"{db:8.1f}"
+        else:  # not measured, exact, or an all-zero float tensor that the int8 model got wrong
+            db_text = {None: "-", 0.0: "exact"}.get(entry["mse"], "-inf").rjust(8)
+        low, high = entry["range"] or entry["grid"]
+        where = f" ({entry['node']})" if entry["node"] else " (input)"
+        lines.append(f"  {db_text}  {entry['scale']:10.4g}  {entry['zero_point']:4d}  "
+                     f"{f'[{low:.4g}, {high:.4g}]':<23} {entry['tensor']}{where}")
+    return lines

@@ -1,0 +1,344 @@
+"""Accuracy tools: per-tensor SQNR report, keep-float patterns, automatic protection of
+crushed shared-scale tensors, and accuracy-driven autotune."""
+
+import itertools
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from builders import _init, branchy_model, make_model
+from conftest import SAMPLE_CALIB, SAMPLE_MODEL, run
+from quantizer import Calibrator, UsageError, autotune, quantize_model
+from quantizer.autotune import FALLBACK_REASON
+from quantizer.cli.main import cli
+from quantizer.qdq.plan import resolve_exclude
+from quantizer.report import report_lines
+
+RNG = np.random.default_rng(7)
+
+
+# ---------------------------------------------------------------- models
+
+
+def mlp_model():
+    """x -> MatMul -> Relu -> MatMul -> y: small enough to fake-quantize in numpy."""
+    inits = [_init("w1", RNG.normal(0, 0.5, (8, 6)).astype(np.float32)),
+             _init("w2", RNG.normal(0, 0.5, (6, 4)).astype(np.float32))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["m"], name="mm1"),
+             helper.make_node("Relu", ["m"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+
+
+def box_score_model(consumer=False):
+    """Detection head: boxes in the hundreds and sigmoid scores in [0, 1] concatenated on
+    the last axis into one output; the scores pass a Reshape on the way.  With
+    ``consumer``, a MatMul reads the concatenation (so it is quantized anyway)."""
+    inits = [_init("wb", RNG.uniform(0, 40, (16, 4)).astype(np.float32)),
+             _init("ws", RNG.normal(0, 1, (16, 3)).astype(np.float32)),
+             _init("shape", np.array([-1, 3], np.int64)),
+             _init("wy", RNG.normal(0, 1, (7, 2)).astype(np.float32))]
+    nodes = [helper.make_node("MatMul", ["x", "wb"], ["boxes"], name="box_head"),
+             helper.make_node("MatMul", ["x", "ws"], ["logits"], name="score_head"),
+             helper.make_node("Sigmoid", ["logits"], ["scores"], name="sigmoid"),
+             helper.make_node("Reshape", ["scores", "shape"], ["scores_r"], name="reshape"),
+             helper.make_node("Concat", ["boxes", "scores_r"], ["det"], name="concat", axis=-1)]
+    output = helper.make_tensor_value_info("det", TensorProto.FLOAT, ["N", 7])
+    if consumer:
+        nodes.append(helper.make_node("MatMul", ["det", "wy"], ["y"], name="after"))
+        output = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])
+    else:
+        inits.pop()
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])], [output], inits)
+
+
+def samples_of(shape, count=8, seed=0, low=None):
+    rng = np.random.default_rng(seed)
+    if low is not None:
+        return [rng.uniform(low, 1, shape).astype(np.float32) for _ in range(count)]
+    return [rng.normal(0, 1, shape).astype(np.float32) for _ in range(count)]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+# ---------------------------------------------------------------- 1. tensor report
+
+
+def _fake_quant(values, low, high):
+    """Independent int8 asymmetric fake quantization (TFLite: range widened to 0)."""
+    low, high = min(low, 0.0), max(high, 0.0)
+    scale = np.float32((high - low) / 255)
+    zero_point = np.clip(np.round(-128 - low / scale), -128, 127)
+    q = np.clip(np.round(values / scale) + zero_point, -128, 127)
+    return ((q - zero_point) * scale).astype(np.float32), float(scale), int(zero_point)
+
+
+def _weight_fake_quant(w):
+    scales = (np.abs(w).max(axis=0) / 127).astype(np.float32)  # per output column
+    return (np.clip(np.round(w / scales), -127, 127) * scales).astype(np.float32)
+
+
+def _sqnr(reference, approx):
+    reference, approx = np.asarray(reference, np.float64), np.asarray(approx, np.float64)
+    return 10 * np.log10(np.sum(reference ** 2) / np.sum((reference - approx) ** 2))
+
+
+def test_tensor_report_matches_an_independent_numpy_computation():
+    model = mlp_model()
+    samples = samples_of((5, 8), count=6)
+    result = quantize_model(model, samples, weight_range="full", report_samples=3, show_progress=False)
+    entries = {e["tensor"]: e for e in result.summary["tensors"]}
+    assert set(entries) == {"x", "r", "y"} and result.summary["report_samples"] == 3
+
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    w1, w2 = inits["w1"], inits["w2"]
+    every = np.concatenate(samples)  # ranges: min/max over all calibration samples
+    r_all = np.maximum(every @ w1, 0)
+    ranges = {"x": (every.min(), every.max()), "r": (r_all.min(), r_all.max()), "y": ((r_all @ w2).min(), (r_all @ w2).max())}
+
+    x = np.concatenate(samples[:3])  # the report's samples: the first three
+    x_q, *x_params = _fake_quant(x, *ranges["x"])
+    r_float, r_q_in = np.maximum(x @ w1, 0), np.maximum(x_q @ _weight_fake_quant(w1), 0)
+    r_q, *r_params = _fake_quant(r_q_in, *ranges["r"])
+    y_float = r_float @ w2
+    y_q, *y_params = _fake_quant(r_q @ _weight_fake_quant(w2), *ranges["y"])
+    expected = {"x": (x, x_q, x_params), "r": (r_float, r_q, r_params), "y": (y_float, y_q, y_params)}
+
+    for name, (reference, approx, (scale, zero_point)) in expected.items():
+        entry = entries[name]
+        assert entry["scale"] == pytest.approx(scale, rel=1e-5) and entry["zero_point"] == zero_point, name
+        assert entry["range"] == pytest.approx(ranges[name], rel=1e-5, abs=1e-6), name
+        assert entry["sqnr_db"] == pytest.approx(_sqnr(reference, approx), abs=0.01), name
+        assert entry["max_abs_error"] == pytest.approx(np.abs(reference - approx).max(), rel=0.02, abs=1e-4), name
+    assert entries["r"]["node"] == "relu" and entries["x"]["node"] is None
+    db = [e["sqnr_db"] for e in result.summary["tensors"]]
+    assert db == sorted(db)  # worst first
+
+
+def test_report_from_a_one_shot_iterator_equals_the_list_report():
+    model, samples = mlp_model(), samples_of((5, 8), count=6, seed=3)
+    from_list = quantize_model(model, samples, report_samples=2, show_progress=False)
+    from_iter = quantize_model(model, iter(samples), report_samples=2, show_progress=False)
+    assert from_iter.summary["tensors"] == from_list.summary["tensors"]
+    assert from_iter.summary["report_samples"] == 2
+    assert "tensors" not in quantize_model(model, samples, show_progress=False).summary  # off by default
+
+
+def test_report_lines_show_the_ten_worst_and_point_to_the_json():
+    tensors = [{"tensor": f"t{i}", "node": f"n{i}", "op_type": "Conv", "range": [0.0, 1.0], "grid": [0, 1],
+                "scale": 0.01, "zero_point": -128, "sqnr_db": 10.0 + i, "max_abs_error": 0.1, "mse": 0.01}
+               for i in range(12)]
+    lines = report_lines({"tensors": tensors, "report_samples": 4})
+    assert "all 12 in the JSON report" in lines[0] and len(lines) == 2 + 10
+    assert "t0 (n0)" in lines[2] and not any("t10" in line for line in lines)
+
+
+def test_cli_report_has_every_tensor_and_prints_the_worst(tmp_path):
+    report = tmp_path / "r.json"
+    r = invoke(SAMPLE_MODEL, "--data", SAMPLE_CALIB, "-o", tmp_path / "o.onnx", "--report", report, "--report-samples", 2)
+    assert r.exit_code == 0, r.output
+    data = json.loads(report.read_text())
+    assert data["report_samples"] == 2 and len(data["tensors"]) == 8
+    assert {"tensor", "node", "range", "scale", "zero_point", "sqnr_db"} <= set(data["tensors"][0])
+    assert all(15 < t["sqnr_db"] < 70 for t in data["tensors"])
+    assert "per-tensor SQNR" in r.output and data["tensors"][0]["tensor"] in r.output
+    assert data["protected"] == []
+
+
+# ---------------------------------------------------------------- 2. keep-float patterns
+
+
+def test_resolve_exclude_names_op_types_and_globs():
+    nodes = [helper.make_node("Conv", [], [], name=n) for n in ("conv1", "conv2", "blocks[0]")]
+    nodes.append(helper.make_node("Softmax", [], [], name="head/softmax"))
+    names, unmatched = resolve_exclude(nodes, ["conv1", "Softmax", "blocks[0]", "nope", "head/*"])
+    assert names == {"conv1", "head/softmax", "blocks[0]"} and unmatched == ["nope"]
+    assert resolve_exclude(nodes, ["Conv"])[0] == {"conv1", "conv2", "blocks[0]"}
+    assert resolve_exclude(nodes, ["conv?"])[0] == {"conv1", "conv2"}
+    assert resolve_exclude(nodes, "conv2")[0] == {"conv2"}  # one string is one pattern
+
+
+def test_exclude_keeps_exactly_the_matched_nodes_float():
+    model = branchy_model()
+    samples = samples_of((2, 3, 8, 8))
+    base = quantize_model(model, samples, show_progress=False)
+    result = quantize_model(model, samples, exclude=["Sigmoid", "mat*", "nothing*"], show_progress=False)
+    excluded = {f["node"] for f in result.summary["nodes"]["float"] if f["reason"] == "excluded"}
+    assert excluded == {"sigmoid", "matmul"}
+    assert {f["node"] for f in result.summary["nodes"]["float"]} == excluded  # everything else quantized
+    assert result.summary["nodes"]["quantized"] == base.summary["nodes"]["quantized"] - 2
+    assert any("'nothing*' matches no node" in note for note in result.summary["notes"])
+
+    graph = result.model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    node = {n.name: n for n in graph.node}
+    # Float ops read dequantized tensors and feed a quantize: clean Q/DQ at their borders.
+    assert node["sigmoid"].op_type == "Sigmoid" and producer[node["sigmoid"].input[0]].op_type == "DequantizeLinear"
+    assert any(n.op_type == "QuantizeLinear" and n.input[0] == node["sigmoid"].output[0] for n in graph.node)
+    assert node["matmul"].input[1] == "mm_w"  # float weight, no DequantizeLinear
+    assert producer[node["matmul"].input[0]].op_type == "DequantizeLinear"
+    assert producer[node["conv"].input[1]].op_type == "DequantizeLinear"  # the rest still int8
+
+
+def test_cli_exclude_by_op_type_and_glob(tmp_path):
+    report = tmp_path / "r.json"
+    r = invoke(SAMPLE_MODEL, "--data", SAMPLE_CALIB, "-o", tmp_path / "o.onnx", "--report", report,
+               "--report-samples", 0, "--exclude", "Gemm", "--exclude", "node_Conv_[01]")
+    assert r.exit_code == 0, r.output
+    data = json.loads(report.read_text())
+    excluded = {f["node"] for f in data["nodes"]["float"] if f["reason"] == "excluded"}
+    assert excluded == {"fc", "node_Conv_0", "node_Conv_1"} and "tensors" not in data
+    assert data["nodes"]["quantized_by_op"]["Conv"] == 1 and "Gemm" not in data["nodes"]["quantized_by_op"]
+
+
+# ---------------------------------------------------------------- 3. automatic protection
+
+
+@pytest.fixture(scope="module")
+def box_scores():
+    model = box_score_model()
+    samples = samples_of((8, 16), low=0.0)
+    reference = run(model, {"x": samples[0]})
+    assert reference[:, :4].min() > 50 and reference[:, :4].max() < 640
+    assert 0 <= reference[:, 4:].min() and reference[:, 4:].max() <= 1
+    return model, samples, reference
+
+
+def test_protection_keeps_the_box_score_concat_float(box_scores):
+    model, samples, reference = box_scores
+    protected = quantize_model(model, samples, show_progress=False)
+    plain = quantize_model(model, samples, protect=False, show_progress=False)
+
+    assert [p["node"] for p in protected.summary["protected"]] == ["concat"]  # not the Reshape
+    assert "'scores_r'" in protected.summary["protected"][0]["reason"]
+    assert plain.summary["protected"] == []
+    score_error = {name: np.abs(run(r.model, {"x": samples[0]}) - reference)[:, 4:].max()
+                   for name, r in (("protected", protected), ("plain", plain))}
+    assert score_error["protected"] < 0.01  # ~ one 1/255 step of the scores' own scale
+    assert score_error["plain"] > 0.2  # one shared step of ~2.5 for values in [0, 1]
+    reasons = {f["node"]: f["reason"] for f in protected.summary["nodes"]["float"]}
+    assert reasons["concat"].startswith("protected")
+    for other in ("box_head", "score_head", "sigmoid", "reshape"):
+        assert other not in reasons
+
+
+def test_cli_prints_protection_and_no_protect_disables_it(box_scores, tmp_path):
+    model, samples, _ = box_scores
+    path, calib = tmp_path / "det.onnx", tmp_path / "calib"
+    onnx.save(model, path)
+    calib.mkdir()
+    for i, sample in enumerate(samples):
+        np.save(calib / f"{i}.npy", sample)
+    r = invoke(path, "--data", calib, "-o", tmp_path / "a.onnx")
+    assert r.exit_code == 0 and "protected (kept float" in r.output and "concat:" in r.output, r.output
+    r = invoke(path, "--data", calib, "-o", tmp_path / "b.onnx", "--no-protect")
+    assert r.exit_code == 0 and "protected" not in r.output, r.output
+
+
+def test_protection_that_would_not_help_is_only_noted():
+    """A MatMul quantizes the concatenation with the union range anyway: keeping the
+    Concat float gains nothing, so it stays int8 and a note names the crushed tensor."""
+    result = quantize_model(box_score_model(consumer=True), samples_of((8, 16), low=0.0), show_progress=False)
+    assert result.summary["protected"] == [] and result.summary["nodes"]["float"] == []
+    assert any("'scores_r'" in n and "keeping 'concat' float would not help" in n for n in result.summary["notes"])
+
+
+def test_protection_does_not_fire_on_plain_cnns():
+    assert quantize_model(SAMPLE_MODEL, SAMPLE_CALIB, show_progress=False).summary["protected"] == []
+    branchy = quantize_model(branchy_model(), samples_of((2, 3, 8, 8)), show_progress=False)
+    assert branchy.summary["protected"] == [] and branchy.summary["nodes"]["float"] == []
+
+
+# ---------------------------------------------------------------- 4. autotune
+
+
+class FakeEval:
+    """Known metric per call: the float model first, then one value per trial."""
+
+    def __init__(self, *values):
+        self.values, self.models = iter(values), []
+
+    def __call__(self, model):
+        assert isinstance(model, onnx.ModelProto)
+        self.models.append(model)
+        return next(self.values)
+
+
+@pytest.fixture
+def count_collections(monkeypatch):
+    calls = []
+    original = Calibrator.collect_data
+
+    def counting(self, dataset):
+        calls.append(self)
+        return original(self, dataset)
+
+    monkeypatch.setattr(Calibrator, "collect_data", counting)
+    return calls
+
+
+def test_autotune_stops_at_the_first_trial_within_the_loss(count_collections):
+    fake = FakeEval(2.0, 1.9, 1.985, 2.0)  # 1.985 is within 1 % of 2.0
+    methods = ("min_max_asym", "percentile_asym", "entropy_asym")
+    result = autotune(SAMPLE_MODEL, SAMPLE_CALIB, fake, tolerable_loss=0.01, max_trials=10, methods=methods)
+    assert [(t.method, t.metric, t.passed) for t in result.trials] == [
+        ("MIN_MAX_ASYM", 1.9, False), ("PERCENTILE_ASYM", 1.985, True)]
+    assert len(fake.models) == 3 and result.passed and result.best.number == 2 and result.baseline == 2.0
+    assert result.trials[1].loss == pytest.approx(0.0075)
+    assert fake.models[-1] is result.model and result.summary["calibration"]["method"] == "PERCENTILE_ASYM"
+    assert result.summary["autotune"]["chosen_trial"] == 2 and len(count_collections) == 1  # one model run
+
+
+def test_autotune_honours_max_trials_and_falls_back_to_float_nodes(count_collections):
+    fake = FakeEval(1.0, 0.5, 0.6, 0.8, 0.7, 0.9)
+    result = autotune(SAMPLE_MODEL, SAMPLE_CALIB, fake, tolerable_loss=0.01, max_trials=4,
+                      methods=("min_max_asym", "entropy_asym"))
+    assert len(result.trials) == 4 and len(fake.models) == 5 and not result.passed
+    first, second, third, fourth = result.trials
+    assert (first.excluded, second.excluded) == ([], [])
+    assert third.method == fourth.method == "ENTROPY_ASYM"  # fallbacks on the best method so far
+    assert len(third.excluded) == 1 and fourth.excluded[:1] == third.excluded and len(fourth.excluded) == 2
+    assert result.best is third and fake.models[3] is result.model  # the best metric, 0.8
+    reasons = {f["node"]: f["reason"] for f in result.summary["nodes"]["float"]}
+    assert reasons[third.excluded[0]] == FALLBACK_REASON
+    assert len(count_collections) == 1
+
+
+def test_autotune_rejects_bad_arguments():
+    with pytest.raises(UsageError, match="max_trials"):
+        autotune(SAMPLE_MODEL, SAMPLE_CALIB, FakeEval(1.0), max_trials=0)
+    with pytest.raises(UsageError, match="unknown calibration method"):
+        autotune(SAMPLE_MODEL, SAMPLE_CALIB, FakeEval(1.0), methods=("kl",))
+    with pytest.raises(UsageError, match="finite number"):
+        autotune(SAMPLE_MODEL, SAMPLE_CALIB, FakeEval(float("nan")))
+
+
+def test_cli_tune_with_an_evaluation_script(tmp_path):
+    script = tmp_path / "evaluate.py"
+    script.write_text(
+        "import numpy as np, onnxruntime as ort\n"
+        f"data = np.load({str(SAMPLE_CALIB / 'sample_000.npy')!r})\n"
+        "def evaluate(model_path):\n"
+        "    out = ort.InferenceSession(model_path, providers=['CPUExecutionProvider']).run(None, {'input': data})[0]\n"
+        "    return float(out.max())\n"
+    )
+    out, report = tmp_path / "tuned.onnx", tmp_path / "tune.json"
+    r = invoke("tune", SAMPLE_MODEL, "--data", SAMPLE_CALIB, "--eval", script, "--tolerable-loss", 0.5,
+               "--max-trials", 3, "-o", out, "--report", report)
+    assert r.exit_code == 0, r.output
+    assert "trial 1/3: min_max_asym" in r.output and "-> pass" in r.output and out.exists()
+    data = json.loads(report.read_text())
+    assert data["autotune"]["passed"] and len(data["autotune"]["trials"]) == 1
+    r = invoke("tune", SAMPLE_MODEL, "--data", SAMPLE_CALIB, "-o", out)
+    assert r.exit_code == 2 and "--eval is required" in r.output
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = 1\n")
+    r = invoke("tune", SAMPLE_MODEL, "--data", SAMPLE_CALIB, "--eval", bad, "-o", out)
+    assert r.exit_code == 2 and "must define evaluate" in r.output
