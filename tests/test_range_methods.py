@@ -226,10 +226,10 @@ def entropy_brute_force(stats, symmetric):
     the data extremes): clipping onto an empty bin leaves Q without mass where P has the
     tail, an infinite KL, and the occupied neighbour clips the same values.
     """
-    hist = stats.histogram()
+    hist = hm.without_zero_bin(stats.histogram())  # by definition: 0 is always exact
     w = hist.width
     if symmetric:
-        mag = magnitudes(hist)
+        mag = hm.without_zero_bin(magnitudes(stats.histogram()))
         n = len(mag.counts)
         stop = np.arange(1, n + 1)
         a = mag.lo + w * stop
