@@ -54,7 +54,6 @@ class Calibrator:
                  keep_histograms: bool | None = None):
         self.model = load_model(model)
         self.method = CalibrationMethod.parse(method)
-        self.range_fn = range_function(self.method)  # fails early for unbuilt methods
         self.percentage = percentage
         self.show_progress = show_progress
         plan = build_plan(ir.from_proto(self.model), set(exclude))
@@ -132,14 +131,8 @@ class Calibrator:
     def compute_range(self, method=None) -> dict[str, tuple[float, float]]:
         """Ranges by this calibrator's method, or by ``method``: one collected state
         serves every method (histogram methods need ``keep_histograms``)."""
-        if method is not None:
-            method = CalibrationMethod.parse(method)
-            saved = self.method, self.range_fn
-            self.method, self.range_fn = method, range_function(method)
-            try:
-                return self.compute_range()
-            finally:
-                self.method, self.range_fn = saved
+        method = CalibrationMethod.parse(method) if method is not None else self.method
+        range_fn = range_function(method)
         if self.samples_seen == 0:
             raise CalibrationDataError("no calibration samples were given")
         ranges = {}
@@ -155,11 +148,11 @@ class Calibrator:
                 raise CalibrationDataError(
                     f"tensor '{name}' had no finite values (all NaN/Inf) in any calibration sample{hint}"
                 )
-            if not stats.with_histogram and self.method.family != "MIN_MAX":
+            if not stats.with_histogram and method.family != "MIN_MAX":
                 raise CalibrationDataError(
                     f"the calibration state has no histograms (collected for min_max); "
-                    f"collect again to use {self.method.value.lower()}"
+                    f"collect again to use {method.value.lower()}"
                 )
-            low, high = self.range_fn(stats, self.method.symmetric, percentage=self.percentage)
+            low, high = range_fn(stats, method.symmetric, percentage=self.percentage)
             ranges[name] = (float(low), float(high))
         return ranges
