@@ -342,3 +342,25 @@ def test_cli_tune_with_an_evaluation_script(tmp_path):
     bad.write_text("x = 1\n")
     r = invoke("tune", SAMPLE_MODEL, "--data", SAMPLE_CALIB, "--eval", bad, "-o", out)
     assert r.exit_code == 2 and "must define evaluate" in r.output
+
+
+@pytest.mark.parametrize(
+    "script_text, message",
+    [
+        (None, "--eval is required"),
+        ("x = 1\n", "must define evaluate"),
+        ("def evaluate(path):\n    raise RuntimeError('metric broke')\n", "evaluate() failed: RuntimeError: metric broke"),
+    ],
+)
+def test_tune_errors_are_one_line_and_write_nothing(tmp_path, script_text, message):
+    out = tmp_path / "tuned.onnx"
+    args = ["tune", SAMPLE_MODEL, "--data", SAMPLE_CALIB, "-o", out]
+    if script_text is not None:
+        script = tmp_path / "eval.py"
+        script.write_text(script_text)
+        args += ["--eval", script]
+    r = invoke(*args)
+    lines = [line for line in r.output.splitlines() if line.strip() and not line.startswith("trial")]
+    assert r.exit_code == 2, r.output
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.output
+    assert not out.exists() and not any(p.name.startswith(".tuned") for p in tmp_path.iterdir())
