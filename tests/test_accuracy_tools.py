@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from builders import _init, branchy_model, make_model
@@ -15,6 +17,9 @@ from conftest import SAMPLE_CALIB, SAMPLE_MODEL, run
 from quantizer import Calibrator, UsageError, autotune, quantize_model
 from quantizer.autotune import FALLBACK_REASON
 from quantizer.cli.main import cli
+from quantizer.calibrators.statistics import TensorStatistics
+from quantizer.protect import underflow_share
+from quantizer.qdq.params import activation_params
 from quantizer.qdq.plan import resolve_exclude
 from quantizer.report import report_lines
 
@@ -254,6 +259,71 @@ def test_protection_does_not_fire_on_plain_cnns():
     assert quantize_model(SAMPLE_MODEL, SAMPLE_CALIB, show_progress=False).summary["protected"] == []
     branchy = quantize_model(branchy_model(), samples_of((2, 3, 8, 8)), show_progress=False)
     assert branchy.summary["protected"] == [] and branchy.summary["nodes"]["float"] == []
+
+
+def power_spectrum_model():
+    """re^2 + im^2 of two projections, then its square root and a dense layer: the power
+    spans many decades, so one linear int8 scale rounds most of it to 0."""
+    inits = [_init("wr", RNG.normal(0, 1, (16, 16)).astype(np.float32)),
+             _init("wi", RNG.normal(0, 1, (16, 16)).astype(np.float32)),
+             _init("wo", RNG.normal(0, 1, (16, 4)).astype(np.float32))]
+    nodes = [helper.make_node("MatMul", ["x", "wr"], ["re"], name="real"),
+             helper.make_node("MatMul", ["x", "wi"], ["im"], name="imag"),
+             helper.make_node("Mul", ["re", "re"], ["re2"], name="re_sq"),
+             helper.make_node("Mul", ["im", "im"], ["im2"], name="im_sq"),
+             helper.make_node("Add", ["re2", "im2"], ["power"], name="power"),
+             helper.make_node("Sqrt", ["power"], ["mag"], name="mag"),
+             helper.make_node("MatMul", ["mag", "wo"], ["y"], name="dense")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+
+
+def loud_and_quiet_samples(count=16):
+    """Frames whose loudness varies over three decades, like audio with speech and silence."""
+    rng = np.random.default_rng(3)
+    return [(rng.normal(0, 1, (8, 16)) * 10.0 ** rng.uniform(-3, 0, (8, 1))).astype(np.float32)
+            for _ in range(count)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2 ** 31), st.sampled_from(["normal", "lognormal", "relu", "power"]),
+       st.sampled_from(["int8", "uint8"]))
+def test_underflow_share_matches_a_brute_force_count(seed, kind, dtype):
+    rng = np.random.default_rng(seed)
+    x = {"normal": lambda: rng.normal(0, 1, 50000),
+         "lognormal": lambda: rng.lognormal(0, 2.5, 50000),
+         "relu": lambda: np.maximum(rng.normal(0, 1, 50000), 0),
+         "power": lambda: (rng.normal(0, 1, 50000) * 10.0 ** rng.uniform(-3, 0, 50000)) ** 2}[kind]()
+    x = x.astype(np.float32)
+    stats = TensorStatistics()
+    stats.update(x)
+    low, high = float(x.min()), float(x.max())
+    scale = float(activation_params(min(low, 0.0), max(high, 0.0), dtype).scale)
+    nonzero = x[x != 0]
+    expected = np.mean(np.abs(nonzero) < scale / 2)
+    got = underflow_share(stats, low, high, dtype)
+    # bin centres stand in for the values; a Relu's bin holding 0 counts as exact zeros
+    assert abs(got - expected) < 0.03, (got, expected)
+
+
+def test_protection_keeps_a_tensor_its_own_scale_crushes_float():
+    model, samples = power_spectrum_model(), loud_and_quiet_samples()
+    protected = quantize_model(model, samples, show_progress=False)
+    plain = quantize_model(model, samples, protect=False, show_progress=False)
+    reasons = {p["node"]: p["reason"] for p in protected.summary["protected"]}
+    assert {"re_sq", "im_sq", "power"} <= set(reasons), reasons
+    assert "round to 0" in reasons["power"]
+    assert {"real", "imag", "dense"}.isdisjoint(reasons)  # their tensors survive int8
+    assert plain.summary["protected"] == []
+    errors = {}
+    for name, result in (("protected", protected), ("plain", plain)):
+        signal = noise = 0.0
+        for x in loud_and_quiet_samples(4):
+            reference = run(model, {"x": x})
+            signal += float(np.sum(reference.astype(np.float64) ** 2))
+            noise += float(np.sum((run(result.model, {"x": x}) - reference).astype(np.float64) ** 2))
+        errors[name] = 10 * np.log10(signal / noise)
+    assert errors["protected"] > errors["plain"] + 10, errors
 
 
 # ---------------------------------------------------------------- 4. autotune

