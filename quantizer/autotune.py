@@ -1,7 +1,7 @@
 """Accuracy-driven tuning, after Intel Neural Compressor's autotune.
 
 Evaluate the float model, then quantize with one calibration method after another and
-then keep more and more of the most damaging nodes float, until a trial's metric is
+then keep twice as many of the most damaging nodes float each trial, until a trial's metric is
 within ``tolerable_loss`` (relative) of the float metric or ``max_trials`` have run.
 The model runs over the calibration data once: every method's ranges come from the same
 collected histograms, and every trial only re-plans and re-inserts Q/DQ.
@@ -109,7 +109,8 @@ def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable
     ``tolerable_loss`` (relative) of the float model's.
 
     Trials: each of ``methods`` in order, then, on the method with the best metric, keep
-    float the nodes of ``fallback_order`` one more per trial (cumulative).  At most
+    float the first 1, 2, 4, 8, ... nodes of ``fallback_order`` (doubling, so a loss spread
+    over many layers is reached within a few trials).  At most
     ``max_trials`` quantized models are evaluated (the float model is evaluated once
     more).  ``on_trial`` is called after each trial (progress output).
     """
@@ -175,14 +176,15 @@ def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable
         method = CalibrationMethod(base_trial.method)
         entries = report_summary(optimized, base_outcome, keeper.samples(), base_ranges,
                                  keeper.n)["tensors"]
-        fallback: list[str] = []
-        for name in fallback_order(optimized, base_outcome.plan, entries):
-            if len(trials) >= max_trials:
-                break
-            fallback.append(name)
-            if attempt(method, fallback).passed:
+        order = fallback_order(optimized, base_outcome.plan, entries)
+        size = 1
+        while size <= len(order) and len(trials) < max_trials:
+            if attempt(method, order[:size]).passed:
                 passed = True
                 break
+            if size == len(order):
+                break
+            size = min(2 * size, len(order))
     timings["tune"] = time.perf_counter() - start
 
     trial, outcome, ranges, protected = best

@@ -381,6 +381,18 @@ def test_autotune_honours_max_trials_and_falls_back_to_float_nodes(count_collect
     assert len(count_collections) == 1
 
 
+def test_autotune_doubles_the_fallback_and_stops_when_every_node_is_float():
+    fake = FakeEval(1.0, *[0.5] * 20)
+    result = autotune(SAMPLE_MODEL, SAMPLE_CALIB, fake, tolerable_loss=0.01, max_trials=20,
+                      methods=("min_max_asym",))
+    sizes = [len(t.excluded) for t in result.trials]
+    quantized = result.trials[-1].excluded
+    expected = [0] + [k for k in (1, 2, 4, 8, 16) if k < len(quantized)] + [len(quantized)]
+    assert sizes == expected and len(quantized) >= 4, sizes
+    for before, after in zip(result.trials[1:], result.trials[2:]):
+        assert after.excluded[:len(before.excluded)] == before.excluded  # the same ranking, grown
+
+
 def test_autotune_rejects_bad_arguments():
     with pytest.raises(UsageError, match="max_trials"):
         autotune(SAMPLE_MODEL, SAMPLE_CALIB, FakeEval(1.0), max_trials=0)
