@@ -377,7 +377,7 @@ def main() -> None:
     lines = [SECTION, "",
              f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; quantizer git {head}",
              f"- Command: `{cmd}` (from the repo root, after `pip install -e \".[bench]\"` and "
-             "`apt install espeak-ng`; about 25 minutes)",
+             "`apt install espeak-ng`; about 12 minutes)",
              f"- CPU: {cpu_model()} ({os.cpu_count()} logical cores, shared and noisy); onnxruntime {ort.__version__}, "
              f"Python {platform.python_version()}",
              f"- Ours: `quantize_model(model, calib, \"{DEFAULT_METHOD}\", activation_dtype=\"uint8\")` (the CLI default "
@@ -394,6 +394,7 @@ def main() -> None:
              "onnxruntime session options (QDQ fused into integer kernels)",
              f"- Latency: median of {args.latency_runs} runs of the latency unit after 2 warm-ups, float and every int8 "
              "model interleaved round-robin in one process",
+             "- Caveats: the memory limit is RLIMIT_AS (address space, not RSS), so a peer MemoryError means its allocations passed 12 GiB of address space; without a limit it may finish given enough RAM. Autotune's time and peak RSS include its task-metric evaluations (one onnxruntime session per trial) and the per-tensor report it ranks fallbacks by; the time/memory targets are checked on the single-call CLI default. det hmean matches DB boxes to rendered line boxes at IoU >= 0.5, which is coarse: an int8 model can score above float while its probability map is far from float's (see SQNR)",
              ""]
     for s in sections:
         lines += s
