@@ -234,4 +234,12 @@ class Vad(Task):
         return (lambda s: VadStream(s).probs(audio)), "2 s of audio, 62 chunks of 512 samples streamed"
 
 
-TASKS = {task.name: task for task in (Digits(), Det(), Rec(), Vad())}
+class VadSequence(Vad):
+    name, model_file = "vad_sequence", "silero_vad_16k_sequence.onnx"  # LSTM state as h and c inputs
+
+
+class VadOpenVino(Vad):
+    name, model_file = "vad_openvino", "silero_vad_openvino_16k.onnx"  # no sr input
+
+
+TASKS = {task.name: task for task in (Digits(), Det(), Rec(), Vad(), VadSequence(), VadOpenVino())}
