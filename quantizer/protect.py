@@ -11,10 +11,10 @@ output); if a Conv quantizes it anyway, nothing is gained and a note says so ins
 
 A tensor can also be destroyed by its own scale: a power spectrum spanning [1e-13, 279]
 gets a step of 1.1, and most of its values -- the quiet frames -- round to 0.  When the
-calibration histogram shows that more than three quarters of a tensor's nonzero values
-round to 0, the nodes that would quantize it stay float.  (Half is too strict: activations
-with most values just above 0 lose little by it.)
-The decisions read the calibrated ranges and histograms only, never op names.
+calibration histogram shows that more than 90 % of a tensor's nonzero values round to 0,
+the nodes that would quantize it stay float.  (Lower bars catch tensors that survive int8:
+PP-OCRv5 activations with 60-89 % of their values just above 0, the STFT's real and
+imaginary parts at 79 %; the power spectrum sits at 97-98 %.)
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from .qdq.rules import RULES, SHARED
 
 MIN_STEPS = 8  # a member narrower than this many steps of the shared scale is destroyed
 DOMINANT_SHARE = 0.5  # ... when another member spans at least this share of the union
-UNDERFLOW_SHARE = 0.75  # more than this share of a tensor's nonzero values rounding to 0 destroys it
+UNDERFLOW_SHARE = 0.9  # more than this share of a tensor's nonzero values rounding to 0 destroys it
 PROTECTED_REASON = "protected: its int8 scale would crush a tensor (see protected)"
 
 
