@@ -154,11 +154,11 @@ def find_protected(model: onnx.ModelProto, ranges: Mapping, exclude: Iterable[st
         if not found:  # no shared scale to split: are tensors crushed by their own scale?
             underflow = {name: why for name, why in _underflowing(plan, own, statistics or {}, activation_dtype).items()
                          if name not in skip}
+            if not underflow:
+                break
             protected += [{"node": name, "reason": why} for name, why in sorted(underflow.items())]
             skip |= set(underflow)
-            if underflow:
-                continue
-            break
+            continue
         after = build_plan(ir_model, skip | set(found))
         for name, (reason, far_side) in sorted(found.items()):
             still = [t for t in far_side if t in after.tensors]
