@@ -109,7 +109,6 @@ def quantize_ours(spec: dict, out: dict) -> None:
     result = quantize_model(spec["model"], spec["calib"], spec["method"], activation_dtype="uint8",
                             show_progress=False)
     out["seconds"] = time.perf_counter() - start
-    out["float_nodes"] = [f"{e['node']} ({e['reason']})" for e in result.summary["nodes"].get("float", [])][:12]
     out["protected"] = [p["node"] for p in result.summary.get("protected", [])]
     onnx.save(result.model, spec["out_model"])
 
@@ -127,7 +126,6 @@ def quantize_tuned(spec: dict, out: dict) -> None:
     result = autotune(spec["model"], spec["calib"], eval_fn, tolerable_loss=tolerable,
                       max_trials=spec["max_trials"], activation_dtype="uint8", show_progress=False)
     out["seconds"] = time.perf_counter() - start
-    out["stages"] = result.summary.get("seconds", {})
     out["trials"] = [t.as_dict() for t in result.trials]
     out["passed"], out["chosen"] = result.passed, result.best.number
     out["protected"] = [p["node"] for p in result.summary.get("protected", [])]
@@ -192,9 +190,8 @@ def child(spec_path: str) -> None:
 
 # ----------------------------------------------------------------------------- parent side
 
-def latency(task, work: Path, models: dict[str, str], runs: int) -> dict[str, float]:
-    """Median seconds of one latency unit per model, all models interleaved round-robin."""
-    unit, _ = task.latency_unit(work)
+def latency(unit, models: dict[str, str], runs: int) -> dict[str, float]:
+    """Median seconds of one latency ``unit`` per model, all models interleaved round-robin."""
     sessions = {label: session(path) for label, path in models.items()}
     for sess in sessions.values():
         for _ in range(2):
@@ -224,7 +221,7 @@ def ms(seconds) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.3g}" if seconds < 0.1 else f"{seconds * 1e3:.0f}"
 
 
-def model_section(task, info: dict, flt: dict, runs: dict, lat: dict, unit: str, args) -> list[str]:
+def model_section(task, info: dict, flt: dict, runs: dict, lat: dict, unit: str) -> list[str]:
     out = [f"### {task.name}", ""]
     model = str(task.model_path())
     out.append(f"- Model: `{model.replace(str(REPO) + '/', '') if model.startswith(str(REPO)) else '/'.join(Path(model).parts[-4:])}`")
@@ -369,9 +366,10 @@ def main() -> None:
                 print("    " + (r.get("traceback") or r.get("stderr_tail", "")).strip()[-1200:], flush=True)
         timed = {"float32": base["model"]} if flt.get("ok") else {}
         timed.update({label: str(work / f"{label.replace(' ', '_')}.onnx") for label, r in runs.items() if r.get("ok")})
-        lat = latency(task, work, timed, args.latency_runs) if timed else {}
+        unit, unit_text = task.latency_unit(work)
+        lat = latency(unit, timed, args.latency_runs) if timed else {}
         print(f"[{name}] latency ms: " + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in lat.items()), flush=True)
-        sections.append(model_section(task, info, flt, runs, lat, task.latency_unit(work)[1], args))
+        sections.append(model_section(task, info, flt, runs, lat, unit_text))
         (work / "results.json").write_text(json.dumps({"float": flt, "runs": runs, "latency": lat}, indent=1))
 
     cmd = "python benchmarks/bench_accuracy.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
