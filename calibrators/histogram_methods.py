@@ -31,8 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from quantizer.errors import UsageError
-
+from .errors import CalibratorError
 from .statistics import Histogram, TensorStatistics
 
 Range = tuple[float, float]
@@ -87,7 +86,7 @@ def percentile_range(stats: TensorStatistics, symmetric: bool, *, percentage: fl
     """
     percentage = float(percentage)
     if not 0.0 < percentage <= 100.0:
-        raise UsageError(f"percentile percentage must be in (0, 100], got {percentage}")
+        raise CalibratorError(f"percentile percentage must be in (0, 100], got {percentage}")
     trivial = _trivial_range(stats, symmetric)
     if trivial is not None:
         return trivial
@@ -203,7 +202,7 @@ def _trivial_range(stats: TensorStatistics, symmetric: bool) -> Range | None:
     if stats.count == 0:
         return (0.0, 0.0)
     if not stats.with_histogram:
-        raise UsageError("histogram calibration methods need statistics collected with a histogram")
+        raise CalibratorError("histogram calibration methods need statistics collected with a histogram")
     if stats.minimum == stats.maximum:
         return _full_range(stats, symmetric)
     return None

@@ -7,9 +7,10 @@ when every observed value is >= 0.
 
 from __future__ import annotations
 
+import difflib
 import enum
 
-from quantizer.errors import UsageError
+from .errors import CalibratorError
 
 
 class CalibrationMethod(str, enum.Enum):
@@ -40,6 +41,10 @@ class CalibrationMethod(str, enum.Enum):
         key = str(name).strip().upper().replace("-", "_")
         try:
             return cls(key)
-        except ValueError:
-            valid = ", ".join(m.value.lower() for m in cls)
-            raise UsageError(f"unknown calibration method '{name}'; choose one of: {valid}") from None
+        except ValueError as exc:
+            names = [m.value.lower() for m in cls]
+            close = difflib.get_close_matches(key.lower(), names, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise CalibratorError(
+                f"unknown calibration method '{name}'; {hint}choose one of: {', '.join(names)}"
+            ) from exc

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from quantizer.errors import UsageError
-
+from .errors import CalibratorError
 from .histogram_methods import entropy_range, mse_range, percentile_range, sqnr_range
 from .methods import CalibrationMethod
 from .statistics import TensorStatistics
@@ -42,8 +41,8 @@ RANGE_FUNCTIONS: dict[str, Callable[..., Range]] = {
 def range_function(method: CalibrationMethod) -> Callable[..., Range]:
     try:
         return RANGE_FUNCTIONS[method.family]
-    except KeyError:
-        raise UsageError(
+    except KeyError as exc:
+        raise CalibratorError(
             f"calibration method {method.value.lower()} is not implemented yet; "
             f"available: {', '.join(m.value.lower() for m in CalibrationMethod if m.family in RANGE_FUNCTIONS)}"
-        ) from None
+        ) from exc

@@ -19,17 +19,11 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import onnx
 
-from quantizer.calibrators import CalibrationMethod, range_function
-
-from .calibrate import Calibrator
+from . import pipeline
+from .config import CalibrationInputs, Outputs, QuantizationConfig
 from .errors import UsageError
-from .model_io import load_model
-from .optimize import optimize_model
-from .pipeline import QuantizationResult, build_summary
-from .protect import PROTECTED_REASON, find_protected
-from .qdq.plan import resolve_exclude
-from .quantize import quantize_with_plan
-from .report import DEFAULT_REPORT_SAMPLES, SampleKeeper, report_summary
+from .pipeline import QuantizationResult
+from .report import DEFAULT_REPORT_SAMPLES, report_summary
 
 DEFAULT_METHODS = ("MIN_MAX_ASYM", "PERCENTILE_ASYM", "ENTROPY_ASYM", "MSE_ASYM", "SQNR_ASYM")
 FALLBACK_REASON = "autotune fallback (kept float to meet the accuracy goal)"
@@ -100,10 +94,11 @@ def _metric(value, what: str) -> float:
 
 def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable_loss: float = 0.01,
              max_trials: int = 10, methods: Iterable = DEFAULT_METHODS, *,
-             input_shapes: Mapping[str, Sequence[int]] | None = None, activation_dtype: str = "int8",
-             weight_range: str = "auto", exclude: Iterable[str] = (), protect: bool = True,
-             percentage: float = 99.99, report_samples: int = DEFAULT_REPORT_SAMPLES,
-             show_progress: bool | None = None,
+             config: QuantizationConfig | None = None,
+             input_shapes: Mapping[str, Sequence[int]] | None = None, activation_dtype: str | None = None,
+             weight_range: str | None = None, exclude: Iterable[str] | None = None, protect: bool | None = None,
+             percentage: float | None = None, report_samples: int = DEFAULT_REPORT_SAMPLES,
+             show_progress: bool | None = None, outputs: Outputs | None = None,
              on_trial: Callable[[Trial], None] | None = None) -> TuneResult:
     """Find the first quantization whose ``eval_fn`` metric (higher is better) is within
     ``tolerable_loss`` (relative) of the float model's.
@@ -112,96 +107,79 @@ def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable
     float the first 1, 2, 4, 8, ... nodes of ``fallback_order`` (doubling, so a loss spread
     over many layers is reached within a few trials).  At most
     ``max_trials`` quantized models are evaluated (the float model is evaluated once
-    more).  ``on_trial`` is called after each trial (progress output).
+    more).  ``on_trial`` is called after each trial (progress output).  The run is the
+    pipeline's: the same checks and refusals as ``quantize_model``, the calibration once,
+    the quantization steps once per trial, and the result steps (``outputs``: files to
+    write, with the fidelity check) once for the chosen trial.
     """
-    methods = [CalibrationMethod.parse(m) for m in methods]
+    methods = list(methods)
     if not methods:
-        raise UsageError("autotune needs at least one calibration method")
-    for method in methods:
-        range_function(method)  # an unimplemented method fails before the model runs
+        raise UsageError("autotune needs at least one calibration `methods` entry")
     if not isinstance(max_trials, int) or max_trials < 1:
-        raise UsageError(f"max_trials must be a positive integer, got {max_trials!r}")
+        raise UsageError(f"`max_trials` must be a positive integer, got {max_trials!r}")
     if not (tolerable_loss >= 0):
-        raise UsageError(f"tolerable_loss must be >= 0, got {tolerable_loss!r}")
+        raise UsageError(f"`tolerable_loss` must be >= 0, got {tolerable_loss!r}")
+    changes = dict(percentile=percentage, input_shapes=input_shapes, activation_dtype=activation_dtype,
+                   weight_range=weight_range, exclude=exclude, protect=protect, show_progress=show_progress)
+    changes = {k: v for k, v in changes.items() if v is not None}
+    base = config.with_(**changes) if config is not None else QuantizationConfig(**changes)
+    configs = [base.with_(method=m, report_samples=report_samples) for m in methods]  # validates every method
+    sensitivity_samples = report_samples if report_samples > 0 else DEFAULT_REPORT_SAMPLES
 
-    timings = {}
-    start = time.perf_counter()
-    original = load_model(model)
-    optimized = optimize_model(original, input_shapes)
-    timings["optimize"] = time.perf_counter() - start
-    baseline = _metric(eval_fn(original), "float model")
-    floor = baseline - tolerable_loss * abs(baseline)
-    excluded, unmatched = resolve_exclude(optimized.graph.node, exclude)
+    ctx = pipeline.new_context(model, configs[0].with_(report_samples=sensitivity_samples),
+                               CalibrationInputs(data), outputs, keep_histograms=True)
+    try:
+        pipeline.run_steps(pipeline.PREPARE, ctx)
+        start = time.perf_counter()
+        baseline = _metric(eval_fn(ctx.original), "float model")
+        floor = baseline - tolerable_loss * abs(baseline)
+        trials: list[Trial] = []
+        best: tuple[Trial, object] | None = None
 
-    start = time.perf_counter()
-    keeper = SampleKeeper(data, report_samples if report_samples > 0 else DEFAULT_REPORT_SAMPLES)
-    calibrator = Calibrator(optimized, methods[0], percentage, exclude=excluded,
-                            show_progress=show_progress, keep_histograms=True)
-    calibrator.collect_data(keeper.dataset)
-    ranges_of = {}
-    timings["calibrate"] = time.perf_counter() - start
+        def attempt(trial_config: QuantizationConfig, fallback: list[str]) -> Trial:
+            nonlocal best
+            trial_ctx = ctx.fork(config=trial_config, keep_float={name: FALLBACK_REASON for name in fallback})
+            pipeline.run_steps(pipeline.QUANTIZE, trial_ctx)
+            metric = _metric(eval_fn(trial_ctx.outcome.model), f"trial {len(trials) + 1}")
+            loss = (baseline - metric) / abs(baseline) if baseline else None
+            trial = Trial(len(trials) + 1, trial_config.method.value, list(fallback), metric, metric >= floor, loss)
+            trials.append(trial)
+            if on_trial is not None:
+                on_trial(trial)
+            if best is None or trial.passed or metric > best[0].metric:
+                best = (trial, trial_ctx)
+            return trial
 
-    trials: list[Trial] = []
-    best = None  # (trial, outcome, ranges, protected)
-
-    def attempt(method: CalibrationMethod, fallback: list[str]) -> Trial:
-        nonlocal best
-        if method not in ranges_of:
-            ranges_of[method] = calibrator.compute_range(method)
-        ranges = ranges_of[method]
-        protected, _ = (find_protected(optimized, ranges, excluded, activation_dtype,
-                                       statistics=calibrator.statistics) if protect else ([], []))
-        keep = excluded | {p["node"] for p in protected} | set(fallback)
-        outcome = quantize_with_plan(optimized, ranges, activation_dtype, keep, weight_range)
-        outcome.plan.float_reasons.update({p["node"]: PROTECTED_REASON for p in protected})
-        outcome.plan.float_reasons.update({name: FALLBACK_REASON for name in fallback})
-        metric = _metric(eval_fn(outcome.model), f"trial {len(trials) + 1}")
-        loss = (baseline - metric) / abs(baseline) if baseline else None
-        trial = Trial(len(trials) + 1, method.value, list(fallback), metric, metric >= floor, loss)
-        trials.append(trial)
-        if on_trial is not None:
-            on_trial(trial)
-        if best is None or trial.passed or metric > best[0].metric:
-            best = (trial, outcome, ranges, protected)
-        return trial
-
-    start = time.perf_counter()
-    passed = False
-    for method in methods[:max_trials]:
-        if attempt(method, []).passed:
-            passed = True
-            break
-    if not passed and len(trials) < max_trials:
-        base_trial, base_outcome, base_ranges, _ = best
-        method = CalibrationMethod(base_trial.method)
-        entries = report_summary(optimized, base_outcome, keeper.samples(), base_ranges,
-                                 keeper.n)["tensors"]
-        order = fallback_order(optimized, base_outcome.plan, entries)
-        size = 1
-        while size <= len(order) and len(trials) < max_trials:
-            if attempt(method, order[:size]).passed:
+        passed = False
+        for trial_config in configs[:max_trials]:
+            if attempt(trial_config, []).passed:
                 passed = True
                 break
-            if size == len(order):
-                break
-            size = min(2 * size, len(order))
-    timings["tune"] = time.perf_counter() - start
-
-    trial, outcome, ranges, protected = best
-    summary = build_summary(original, optimized, outcome, timings)
-    summary["calibration"] = {
-        "method": trial.method, "samples": calibrator.samples_seen, "tensors": len(ranges),
-        "nonfinite_values": {n: s.nonfinite for n, s in calibrator.statistics.items() if s.nonfinite},
-    }
-    summary["protected"] = protected
-    summary["notes"].extend(f"--exclude '{p}' matches no node name or op type (after optimization)" for p in unmatched)
-    summary["autotune"] = {
-        "baseline": baseline, "tolerable_loss": tolerable_loss, "max_trials": max_trials,
-        "passed": passed, "chosen_trial": trial.number, "trials": [t.as_dict() for t in trials],
-    }
-    if report_samples > 0:
-        summary.update(report_summary(optimized, outcome, keeper.samples(), ranges, report_samples))
-    return TuneResult(outcome.model, ranges, summary, trials=trials, baseline=baseline, passed=passed, best=trial)
+        if not passed and len(trials) < max_trials:
+            base_trial, base_ctx = best
+            entries = report_summary(ctx.stage1, base_ctx.outcome, ctx.data.samples(sensitivity_samples),
+                                     base_ctx.ranges, sensitivity_samples)["tensors"]
+            order = fallback_order(ctx.stage1, base_ctx.outcome.plan, entries)
+            size = 1
+            while size <= len(order) and len(trials) < max_trials:
+                if attempt(base_ctx.config, order[:size]).passed:
+                    passed = True
+                    break
+                if size == len(order):
+                    break
+                size = min(2 * size, len(order))
+        trial, chosen = best
+        chosen.timings["tune"] = time.perf_counter() - start
+        chosen.autotune = {
+            "baseline": baseline, "tolerable_loss": tolerable_loss, "max_trials": max_trials,
+            "passed": passed, "chosen_trial": trial.number, "trials": [t.as_dict() for t in trials],
+        }
+        pipeline.run_steps(pipeline.FINISH, chosen)
+    except BaseException:
+        ctx.transaction.abort()
+        raise
+    return TuneResult(chosen.outcome.model, chosen.ranges, chosen.summary, trials=trials, baseline=baseline,
+                      passed=passed, best=trial)
 
 
 def script_evaluator(script: str | Path) -> Callable[[onnx.ModelProto], float]:
@@ -214,8 +192,8 @@ def script_evaluator(script: str | Path) -> Callable[[onnx.ModelProto], float]:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:
-        raise UsageError(f"cannot load evaluation script {path.name}: {type(exc).__name__}: {exc}") from None
+    except (Exception, SystemExit) as exc:
+        raise UsageError(f"cannot load evaluation script {path.name}: {type(exc).__name__}: {exc}") from exc
     evaluate = getattr(module, "evaluate", None)
     if not callable(evaluate):
         raise UsageError(f"{path.name} must define evaluate(model_path: str) -> float")
@@ -227,6 +205,6 @@ def script_evaluator(script: str | Path) -> Callable[[onnx.ModelProto], float]:
             try:
                 return evaluate(str(model_path))
             except Exception as exc:
-                raise UsageError(f"{path.name}: evaluate() failed: {type(exc).__name__}: {exc}") from None
+                raise UsageError(f"{path.name}: evaluate() failed: {type(exc).__name__}: {exc}") from exc
 
     return eval_fn

@@ -8,30 +8,24 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 from tqdm import tqdm
 
 from quantizer.calibrators import CalibrationMethod, TensorStatistics, range_function
 
-from .calibration_state import CalibrationState, load_state, model_fingerprint, save_state
+from . import runtime
+from .calibration_state import (
+    CalibrationState,
+    load_state,
+    model_fingerprint,
+    save_state,
+)
 from .checks import ort_message
 from .dataset import calibration_files, count_samples, input_specs, iter_samples
-from .errors import CalibrationDataError, ModelError
-from .model_io import load_model, ort_model_source
+from .errors import CalibrationDataError, ModelError, calibrator_errors
+from .model_io import load_model
 from .qdq.plan import build_plan
-
-
-def with_extra_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy of the model whose outputs also expose the given intermediate tensors."""
-    observed = onnx.ModelProto()
-    observed.CopyFrom(model)
-    existing = {o.name for o in observed.graph.output}
-    for name in tensors:
-        if name not in existing:
-            observed.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return observed
 
 
 def _sample_name(dataset, index: int) -> str:
@@ -51,13 +45,15 @@ class Calibrator:
 
     def __init__(self, model, method="MIN_MAX_ASYM", percentage: float = 99.99,
                  exclude: Iterable[str] = (), show_progress: bool | None = None,
-                 keep_histograms: bool | None = None):
+                 keep_histograms: bool | None = None, tensors: Iterable[str] | None = None):
         self.model = load_model(model)
-        self.method = CalibrationMethod.parse(method)
+        with calibrator_errors():
+            self.method = CalibrationMethod.parse(method)
         self.percentage = percentage
         self.show_progress = show_progress
-        plan = build_plan(ir.from_proto(self.model), set(exclude))
-        self.tensors = plan.calibrated_tensors
+        if tensors is None:  # the plan says what to observe (given by the pipeline, which has it)
+            tensors = build_plan(ir.from_proto(self.model), set(exclude)).calibrated_tensors
+        self.tensors = list(tensors)
         self.specs = input_specs(self.model)
         # MIN_MAX alone needs no histogram; keep them when the state may be reused.
         histograms = keep_histograms if keep_histograms is not None else self.method.family != "MIN_MAX"
@@ -71,9 +67,9 @@ class Calibrator:
     def state(self) -> CalibrationState:
         return CalibrationState(self.fingerprint, self.samples_seen, self.statistics)
 
-    def save_state(self, path) -> None:
+    def save_state(self, path, transaction=None) -> None:
         """Write the statistics so another method's ranges need no model run."""
-        save_state(self.state, path)
+        save_state(self.state, path, transaction=transaction)
 
     def load_state(self, state) -> None:
         """Merge a saved state (path or CalibrationState) into this calibrator's."""
@@ -86,25 +82,23 @@ class Calibrator:
         merged = self.state.merge(loaded)
         self.statistics, self.samples_seen = merged.statistics, merged.samples
 
-    def _session_for_run(self) -> ort.InferenceSession:
+    def session(self) -> ort.InferenceSession:
+        """The calibration session: the graph outputs plus every observed tensor."""
         if self._session is None:
             inputs = {s.name for s in self.specs}
             self._outputs = [t for t in self.tensors if t not in inputs]
-            options = ort.SessionOptions()
-            options.log_severity_level = 4  # errors reach the user as one line, not as ORT logs
             try:
-                with ort_model_source(with_extra_outputs(self.model, self._outputs)) as source:
-                    self._session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+                self._session = runtime.session(self.model, extra_outputs=self._outputs)
             except Exception as exc:
                 raise ModelError(
                     f"onnxruntime cannot load the model: {ort_message(exc)}; calibration needs a model that "
                     "runs in onnxruntime (custom ops must be registered with it)"
-                ) from None
+                ) from exc
         return self._session
 
     def collect_data(self, dataset) -> None:
         """Stream ``dataset`` (a folder, or an iterable of dicts/sequences/arrays)."""
-        session = self._session_for_run()
+        session = self.session()
         input_names = {s.name for s in self.specs}
         progress = self.show_progress if self.show_progress is not None else sys.stderr.isatty()
         samples = iter_samples(dataset, self.specs)
@@ -119,7 +113,7 @@ class Calibrator:
                 raise CalibrationDataError(
                     f"onnxruntime failed on calibration sample {_sample_name(dataset, index)}: "
                     f"{ort_message(exc)}; check that sample's shapes and values against the model"
-                ) from None
+                ) from exc
             for name, array in zip(self._outputs, outputs):
                 self.statistics[name].update(array)
             for name in input_names.intersection(self.statistics):
@@ -131,8 +125,9 @@ class Calibrator:
     def compute_range(self, method=None) -> dict[str, tuple[float, float]]:
         """Ranges by this calibrator's method, or by ``method``: one collected state
         serves every method (histogram methods need ``keep_histograms``)."""
-        method = CalibrationMethod.parse(method) if method is not None else self.method
-        range_fn = range_function(method)
+        with calibrator_errors():
+            method = CalibrationMethod.parse(method) if method is not None else self.method
+            range_fn = range_function(method)
         if self.samples_seen == 0:
             raise CalibrationDataError("no calibration samples were given")
         ranges = {}
@@ -153,6 +148,7 @@ class Calibrator:
                     f"the calibration state has no histograms (collected for min_max); "
                     f"collect again to use {method.value.lower()}"
                 )
-            low, high = range_fn(stats, method.symmetric, percentage=self.percentage)
+            with calibrator_errors():
+                low, high = range_fn(stats, method.symmetric, percentage=self.percentage)
             ranges[name] = (float(low), float(high))
         return ranges

@@ -56,7 +56,7 @@ class CalibrationState:
         return CalibrationState(self.fingerprint, self.samples + other.samples, merged)
 
 
-def save_state(state: CalibrationState, path: str | os.PathLike) -> None:
+def save_state(state: CalibrationState, path: str | os.PathLike, transaction=None) -> None:
     names = list(state.statistics)
     meta = {"format": FORMAT_VERSION, "fingerprint": state.fingerprint, "samples": state.samples, "tensors": names}
     arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
@@ -65,7 +65,7 @@ def save_state(state: CalibrationState, path: str | os.PathLike) -> None:
         arrays[f"t{i}_range"] = np.array([s.minimum, s.maximum], np.float64)
         arrays[f"t{i}_ints"] = np.array([s.count, s.nonfinite, s.level, s.offset, s.bins, int(s.with_histogram)], np.int64)
         arrays[f"t{i}_counts"] = s.counts
-    write_atomic(Path(path), lambda handle: np.savez_compressed(handle, **arrays))
+    write_atomic(Path(path), lambda handle: np.savez_compressed(handle, **arrays), transaction=transaction)
 
 
 def load_state(path: str | os.PathLike) -> CalibrationState:
@@ -89,14 +89,14 @@ def load_state(path: str | os.PathLike) -> CalibrationState:
     except CalibrationDataError:
         raise
     except Exception as exc:
-        raise CalibrationDataError(f"{path.name} is not a calibration state file: {exc}") from None
+        raise CalibrationDataError(f"{path.name} is not a calibration state file: {exc}") from exc
     return CalibrationState(meta["fingerprint"], int(meta["samples"]), statistics)
 
 
-def save_ranges(ranges: dict[str, tuple[float, float]], path: str | os.PathLike) -> None:
+def save_ranges(ranges: dict[str, tuple[float, float]], path: str | os.PathLike, transaction=None) -> None:
     lines = [f"  {json.dumps(name)}: [{float(lo)!r}, {float(hi)!r}]" for name, (lo, hi) in ranges.items()]
     text = "{\n" + ",\n".join(lines) + "\n}\n"
-    write_atomic(Path(path), lambda handle: handle.write(text.encode()))
+    write_atomic(Path(path), lambda handle: handle.write(text.encode()), transaction=transaction)
 
 
 def load_ranges(path: str | os.PathLike) -> dict[str, tuple[float, float]]:
@@ -106,7 +106,7 @@ def load_ranges(path: str | os.PathLike) -> dict[str, tuple[float, float]]:
     try:
         data = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path.name} is not valid JSON: {exc}") from None
+        raise UsageError(f"{path.name} is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise UsageError(f"{path.name} must map tensor names to [min, max]")
     ranges = {}

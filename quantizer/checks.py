@@ -11,7 +11,7 @@ import re
 
 import onnx
 
-from .errors import ModelError
+from .errors import ModelError, first_line
 
 # Ops that only appear in a model that was quantized already (QDQ or QOperator form).
 QUANTIZED_OPS = frozenset({
@@ -44,7 +44,7 @@ def converter_failure(model: onnx.ModelProto, version: int, target: int, exc: Ex
     if unknown:
         reason = f"op(s) {', '.join(unknown)} have no ONNX schema (experimental or removed ops)"
     else:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = first_line(exc)
         reason = re.sub(r"^.*?(Assertion|Unsupported|No )", r"\1", text)
     return ModelError(
         f"cannot convert the model from opset {version} to {target}: {reason}; "
@@ -58,7 +58,7 @@ _ORT_SOURCE = re.compile(r"/onnxruntime_src/\S+:\d+ [^(]*\([^)]*\)\s*")
 
 def ort_message(exc: BaseException) -> str:
     """onnxruntime's first error line without the status prefix and C++ source location."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc)
     text = _ORT_SOURCE.sub("", _ORT_PREFIX.sub("", text))
     return text.strip() or type(exc).__name__
 
@@ -82,7 +82,7 @@ def checker_failure(model: onnx.ModelProto) -> str | None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
-        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return first_line(exc)
     return None
 
 
@@ -90,18 +90,15 @@ def invalid_input(reason: str) -> ModelError:
     return ModelError(f"the input model is not valid ONNX (onnx.checker: {reason}); fix the export")
 
 
-def check_stage1(original: onnx.ModelProto, optimized: onnx.ModelProto, exclude) -> list[str]:
+def check_stage1(original: onnx.ModelProto, optimized: onnx.ModelProto, plan) -> list[str]:
     """Checks between stage 1 and calibration; returns notes for the summary.
 
     An optimized model that fails onnx.checker is the input's fault when the input fails
     too (exit 3, fix the export), else ours (exit 1).  A model with nothing to quantize is
     refused here, before the calibration pass.
     """
-    import onnx_ir as ir
-
     from .errors import InternalError
     from .model_io import fits_in_protobuf
-    from .qdq.plan import build_plan
     from .subgraphs import count_subgraph_nodes
 
     if fits_in_protobuf(optimized):
@@ -110,7 +107,6 @@ def check_stage1(original: onnx.ModelProto, optimized: onnx.ModelProto, exclude)
             if checker_failure(original) is not None:
                 raise invalid_input(reason)
             raise InternalError(f"stage 1 produced a model that fails onnx.checker: {reason}")
-    plan = build_plan(ir.from_proto(optimized), set(exclude))
     subgraph_nodes = count_subgraph_nodes(optimized)
     if not plan.quantized_nodes:
         raise nothing_to_quantize(plan, subgraph_nodes)

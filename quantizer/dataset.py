@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from .errors import CalibrationDataError, UsageError
+from .errors import CalibrationDataError, UsageError, first_line
 
 Sample = dict[str, np.ndarray]
 
@@ -149,8 +149,80 @@ def iter_folder(folder: Path, specs: list[InputSpec]) -> Iterator[Sample]:
         except CalibrationDataError:
             raise
         except Exception as exc:
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = first_line(exc)
             if "pickle" in text:  # numpy's advice to unpickle is wrong for garbage and unsafe
                 text = f"not a {path.suffix} file of plain arrays (save them with np.save / np.savez)"
-            raise CalibrationDataError(f"cannot read calibration file {path.name}: {text}") from None
+            raise CalibrationDataError(f"cannot read calibration file {path.name}: {text}") from exc
         yield check_sample(sample, specs, path.name)
+
+
+class DataSource:
+    """Calibration samples that several steps read: the first sample (stage-1 and
+    fidelity checks), the whole stream (calibration) and the first few again (the
+    per-tensor report).  A folder or a sequence is simply read again; a one-shot iterator
+    is read once, and its first ``keep`` items are remembered as they pass."""
+
+    def __init__(self, dataset, keep: int = 1):
+        if dataset is not None and not isinstance(dataset, (str, Path, Iterable)):
+            raise UsageError(
+                f"calibration data must be a folder path or an iterable of samples, got {type(dataset).__name__}"
+            )
+        self.source = dataset
+        self.keep = max(int(keep), 1)
+        self.one_shot = dataset is not None and not isinstance(dataset, (str, Path)) and not hasattr(dataset, "__getitem__")
+        self._iterator = iter(dataset) if self.one_shot else None
+        self._head: list = []  # the first items of a one-shot iterator
+        self._streamed = False
+
+    def _fill(self, n: int) -> None:
+        while len(self._head) < n and not self._streamed:
+            try:
+                self._head.append(next(self._iterator))
+            except StopIteration:
+                self._streamed = True
+
+    def first(self, specs: list[InputSpec]) -> tuple[Sample, str] | None:
+        """The first sample, checked, and its name (file name, else index 0); None if empty."""
+        if isinstance(self.source, (str, Path)):
+            folder = Path(self.source)
+            sample = next(iter_folder(folder, specs), None)
+            return (sample, calibration_files(folder)[0].name) if sample is not None else None
+        if self.one_shot:
+            self._fill(1)
+            items = self._head[:1]
+        else:
+            items = [self.source[0]] if len(self.source) else []
+        if not items:
+            return None
+        return next(iter_samples(items, specs)), "0"
+
+    def stream(self):
+        """What Calibrator.collect_data takes: the folder, the sequence, or for a one-shot
+        iterator the items already read followed by the rest (remembering the first)."""
+        if not self.one_shot:
+            return self.source
+        return self._replay()
+
+    def _replay(self):
+        yield from list(self._head)
+        while not self._streamed:
+            try:
+                item = next(self._iterator)
+            except StopIteration:
+                self._streamed = True
+                break
+            if len(self._head) < self.keep:
+                self._head.append(item)
+            yield item
+
+    def samples(self, n: int):
+        """The first ``n`` samples again (for the report), in a form iter_samples takes."""
+        if self.source is None or n <= 0:
+            return None
+        if isinstance(self.source, (str, Path)):
+            return self.source
+        if self.one_shot:
+            return self._head[:n]
+        if isinstance(self.source, (list, tuple)):
+            return self.source[:n]
+        return [self.source[i] for i in range(min(n, len(self.source)))]

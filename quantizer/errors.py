@@ -2,7 +2,17 @@
 
 Exit codes (documented in the README):
   0 success, 1 internal error, 2 usage, 3 input model, 4 calibration data, 130 interrupted.
+
+Messages speak of the library's parameters, written in backquotes (`exclude`,
+`input_shapes`, `min_sqnr_db`, ...), never of command-line flags: the CLI maps each
+backquoted parameter to its flag.  Raise with ``from exc`` so a debug run shows the cause.
 """
+
+from __future__ import annotations
+
+import contextlib
+
+from quantizer.calibrators import CalibratorError
 
 
 class QuantizerError(Exception):
@@ -38,3 +48,18 @@ class CalibrationDataError(QuantizerError):
 
     exit_code = 4
     kind = "calibration data error"
+
+
+@contextlib.contextmanager
+def calibrator_errors(as_type: type[QuantizerError] = UsageError):
+    """Turn the calibrators' plain CalibratorError into one of ours (default: usage)."""
+    try:
+        yield
+    except CalibratorError as exc:
+        raise as_type(str(exc)) from exc
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's text, or its type name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -12,7 +12,7 @@ import onnx
 import onnx.external_data_helper
 from google.protobuf.message import DecodeError
 
-from .errors import ModelError, UsageError
+from .errors import ModelError, UsageError, first_line
 
 ModelLike = "onnx.ModelProto | str | os.PathLike"
 
@@ -25,7 +25,7 @@ def load_model(model) -> onnx.ModelProto:
         try:
             proto = onnx.load_model_from_string(bytes(model))
         except (DecodeError, ValueError, RuntimeError) as exc:
-            raise ModelError(f"not an ONNX model (cannot parse the given bytes: {str(exc).splitlines()[0]})") from None
+            raise ModelError(f"not an ONNX model (cannot parse the given bytes: {first_line(exc)})") from exc
     elif not isinstance(model, (str, os.PathLike)):
         raise UsageError(f"model must be a path, bytes or onnx.ModelProto, got {type(model).__name__}")
     else:
@@ -40,41 +40,76 @@ def load_model(model) -> onnx.ModelProto:
             proto = onnx.load(str(path), load_external_data=False)
         except (DecodeError, ValueError, RuntimeError) as exc:
             raise ModelError(
-                f"not an ONNX model (cannot parse {path.name}: {str(exc).splitlines()[0]}); "
+                f"not an ONNX model (cannot parse {path.name}: {first_line(exc)}); "
                 "give a complete .onnx file (truncated download or wrong file?)"
-            ) from None
+            ) from exc
         except OSError as exc:
-            raise ModelError(f"cannot read model {path}: {exc.strerror or exc}") from None
+            raise ModelError(f"cannot read model {path}: {exc.strerror or exc}") from exc
         try:  # tensors stored beside the model (models over 2 GB)
             onnx.external_data_helper.load_external_data_for_model(proto, str(path.parent))
         except Exception as exc:
             raise ModelError(
-                f"cannot read the external data of {path.name}: {str(exc).splitlines()[0]}; "
+                f"cannot read the external data of {path.name}: {first_line(exc)}; "
                 "keep the model's .data file(s) next to it"
-            ) from None
+            ) from exc
     if not proto.HasField("graph") or len(proto.graph.node) == 0:
         raise ModelError("not a usable ONNX model: its graph has no nodes")
     return proto
 
 
-def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None) -> Path:
-    """Refuse to overwrite the input and to write into a missing/unwritable directory."""
+def _same_file(a: Path, b: Path) -> bool:
+    """The same file by device and inode (bind mounts, hard links, symlinks), or the same
+    resolved path when either does not exist yet."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None = None,
+                      what: str = "output path") -> Path:
+    """Refuse an output that is the input, is not a plain file (a device, FIFO, socket or
+    directory: writing would replace it), or lies in a missing/unwritable directory."""
     out = Path(output)
-    if input_path is not None and out.resolve() == Path(input_path).resolve():
-        raise UsageError(f"output path is the input model; choose another -o than {out}")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"output directory does not exist: {parent}")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"output directory is not writable: {parent}")
-    if out.is_dir():
-        raise UsageError(f"output path is a directory: {out}")
+    try:
+        if input_path is not None and _same_file(out, Path(input_path)):
+            raise UsageError(f"{what} is the input model ({_quoted(out)}); choose another file")
+        parent = out.parent if str(out.parent) else Path(".")
+        if not parent.is_dir():
+            raise UsageError(f"output directory does not exist: {_quoted(parent)}")
+        if not os.access(parent, os.W_OK):
+            raise UsageError(f"output directory is not writable: {_quoted(parent)}")
+        if out.is_dir():
+            raise UsageError(f"{what} is a directory: {_quoted(out)}")
+        if out.exists() and not out.is_file():
+            raise UsageError(f"{what} {_quoted(out)} exists and is not a regular file (a device, FIFO or "
+                             "socket); refusing to replace it: choose a file path")
+    except OSError as exc:  # a symlink loop, a name too long for the file system, ...
+        raise UsageError(f"{what} {_quoted(out)} cannot be used: {exc.strerror or exc}") from exc
     return out
+
+
+def check_distinct_outputs(outputs: dict[str, Path], input_path: str | os.PathLike | None) -> None:
+    """Every file a run writes is checked, and no two of them may be the same file."""
+    checked = {what: check_output_path(path, input_path, "output path" if what == "model" else f"`{what}` path")
+               for what, path in outputs.items()}
+    names = list(checked)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            if _same_file(checked[first], checked[second]):
+                raise UsageError(f"`{first}` and `{second}` name the same file {_quoted(checked[first])}; "
+                                 "give each output its own path")
+
+
+def _quoted(path: Path) -> str:
+    """A path as one printable token: control characters (a newline in a name) escaped."""
+    text = str(path)
+    return repr(text) if any(ord(c) < 32 or c == "\x7f" for c in text) else text
 
 
 def _cannot_write(path: Path, exc: OSError) -> UsageError:
     return UsageError(
-        f"cannot write {path}: {exc.strerror or exc}; check the output directory's permissions and free space"
+        f"cannot write {_quoted(path)}: {exc.strerror or exc}; check the output directory's permissions and free space"
     )
 
 
@@ -84,25 +119,71 @@ def _umask_mode() -> int:
     return 0o666 & ~umask  # mkstemp's 0600 would surprise users
 
 
-def write_atomic(path: str | os.PathLike, write, verify=None) -> None:
-    """Call ``write(handle)`` on a temporary file beside ``path``, then ``verify(temp_path)``
-    if given, then rename it into place: a failure, a failed check or Ctrl-C never leaves
-    a half-written (or unverified) file, and an existing file stays as it was."""
-    path = Path(path)
+class Transaction:
+    """Files written completely to temporary names, renamed into place together by
+    ``commit``; ``abort`` (or any failure before commit) removes them, so a failed run
+    leaves every target as it was."""
+
+    def __init__(self):
+        self._pending: list[tuple[Path, Path]] = []
+        self._folders: list[Path] = []
+
+    def stage(self, temporary: Path, final: Path) -> None:
+        self._pending.append((Path(temporary), Path(final)))
+
+    def folder(self, folder: Path) -> None:
+        self._folders.append(Path(folder))
+
+    def commit(self) -> None:
+        try:
+            for temporary, final in self._pending:
+                os.replace(temporary, final)
+        except OSError as exc:
+            self.abort()
+            raise _cannot_write(final, exc) from exc
+        self._pending.clear()
+        self.abort()  # only the emptied temporary folders are left
+
+    def abort(self) -> None:
+        for temporary, _ in self._pending:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+        self._pending.clear()
+        for folder in self._folders:
+            shutil.rmtree(folder, ignore_errors=True)
+        self._folders.clear()
+
+
+def _temporary(path: Path, folder: bool = False):
+    """A temporary name beside ``path`` whose length does not depend on the target's, so
+    a legal long file name stays legal."""
+    maker = tempfile.mkdtemp if folder else tempfile.mkstemp
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        return maker(prefix=".quantize-", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise _cannot_write(path, exc) from None
+        raise _cannot_write(path, exc) from exc
+
+
+def write_atomic(path: str | os.PathLike, write, verify=None, transaction: Transaction | None = None) -> None:
+    """Call ``write(handle)`` on a temporary file beside ``path``, then ``verify(temp_path)``
+    if given, then rename it into place (or, with a ``transaction``, when it commits): a
+    failure, a failed check or Ctrl-C never leaves a half-written (or unverified) file,
+    and an existing file stays as it was."""
+    path = Path(path)
+    fd, tmp = _temporary(path)
     try:
         try:
             with os.fdopen(fd, "wb") as handle:
                 write(handle)
             os.chmod(tmp, _umask_mode())
         except OSError as exc:
-            raise _cannot_write(path, exc) from None
+            raise _cannot_write(path, exc) from exc
         if verify is not None:
             verify(Path(tmp))
-        os.replace(tmp, path)
+        if transaction is not None:
+            transaction.stage(Path(tmp), path)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -189,40 +270,49 @@ def ort_model_source(proto: onnx.ModelProto):
         yield str(Path(folder) / "model.onnx")
 
 
-def _save_external_atomic(proto: onnx.ModelProto, output: Path, verify=None) -> None:
+def _save_external_atomic(proto: onnx.ModelProto, output: Path, verify=None,
+                          transaction: Transaction | None = None) -> int:
     """Write model + data into a temporary folder beside the output, verify, then rename
     the data file and the model into place (the data first, so the model never points at
-    a missing file)."""
+    a missing file).  Returns the bytes written."""
     data_path = external_data_path(output)
-    try:
-        folder = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-    except OSError as exc:
-        raise _cannot_write(output, exc) from None
+    folder = Path(_temporary(output, folder=True))
+    own = transaction is None
+    transaction = transaction or Transaction()
+    transaction.folder(folder)
     try:
         try:
             _write_with_external_data(proto, folder, output.name, data_path.name)
             for part in (output.name, data_path.name):
                 os.chmod(folder / part, _umask_mode())
         except OSError as exc:
-            raise _cannot_write(output, exc) from None
+            raise _cannot_write(output, exc) from exc
         if verify is not None:
             verify(folder / output.name)
-        os.replace(folder / data_path.name, data_path)
-        os.replace(folder / output.name, output)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        size = (folder / output.name).stat().st_size + (folder / data_path.name).stat().st_size
+        transaction.stage(folder / data_path.name, data_path)
+        transaction.stage(folder / output.name, output)
+        if own:
+            transaction.commit()
+        return size
+    except BaseException:
+        if own:
+            transaction.abort()
+        raise
 
 
-def save_model_atomic(proto: onnx.ModelProto, output: str | os.PathLike, verify=None) -> int:
-    """Write the model atomically; returns the size in bytes of the written model file.
+def save_model_atomic(proto: onnx.ModelProto, output: str | os.PathLike, verify=None,
+                      transaction: Transaction | None = None) -> int:
+    """Write the model atomically; returns the size in bytes of the written model file(s).
 
     ``verify(path)`` runs on the complete temporary file before it is renamed into place,
     so a model that fails it is never left at ``output``.  Models too large for one
-    protobuf get their tensors in ``OUTPUT.data`` next to the output.
+    protobuf get their tensors in ``OUTPUT.data`` next to the output.  With a
+    ``transaction``, the rename waits for its commit.
     """
     output = Path(output)
     if fits_in_protobuf(proto):
-        write_atomic(output, lambda handle: handle.write(proto.SerializeToString(deterministic=True)), verify)
-        return output.stat().st_size
-    _save_external_atomic(proto, output, verify)
-    return output.stat().st_size + external_data_path(output).stat().st_size
+        data = proto.SerializeToString(deterministic=True)
+        write_atomic(output, lambda handle: handle.write(data), verify, transaction)
+        return len(data)
+    return _save_external_atomic(proto, output, verify, transaction)

@@ -174,7 +174,7 @@ def _ensure_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         converted = onnx.version_converter.convert_version(model, MIN_OPSET)
     except Exception as exc:  # the converter raises bare RuntimeError/ValidationError
-        raise converter_failure(model, version, MIN_OPSET, exc) from None
+        raise converter_failure(model, version, MIN_OPSET, exc) from exc
     converted.ir_version = max(converted.ir_version, 7)  # IR < 4 wants initializers as inputs
     return converted
 
@@ -184,24 +184,97 @@ def _fix_input_shapes(model: ir.Model, input_shapes: Mapping[str, Sequence[int]]
     for name, dims in input_shapes.items():
         if name not in inputs:
             raise UsageError(
-                f"--input-shape names unknown input '{name}'; model inputs: {', '.join(inputs)}"
+                f"`input_shapes` names unknown input '{name}'; model inputs: {', '.join(inputs)}"
             )
         value = inputs[name]
         if value.shape is not None and len(value.shape) != len(dims):
             raise UsageError(
-                f"--input-shape for '{name}' has rank {len(dims)}, "
+                f"`input_shapes` for '{name}' has rank {len(dims)}, "
                 f"model input has rank {len(value.shape)} ({value.shape})"
             )
         if any(int(d) <= 0 for d in dims):
-            raise UsageError(f"--input-shape for '{name}' must be positive integers: {list(dims)}")
+            raise UsageError(f"`input_shapes` for '{name}' must be positive integers: {list(dims)}")
         if value.shape is not None:
             for fixed, dim in zip(dims, value.shape):
                 if isinstance(dim, int) and dim != int(fixed):
                     raise UsageError(
-                        f"--input-shape for '{name}' gives {list(dims)}, but the model fixes "
+                        f"`input_shapes` for '{name}' gives {list(dims)}, but the model fixes "
                         f"that input to {list(value.shape)}"
                     )
         value.shape = ir.Shape([int(d) for d in dims])
+
+
+def _forget_declared_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy without the shapes the exporter declared for outputs and intermediates.
+
+    Only the inputs' shapes are a contract (the data is checked against them); a declared
+    output or value_info shape is a claim that may be wrong, and constant folding would
+    turn it into constants (a Shape of a wrongly declared tensor becomes a wrong Reshape
+    target, silently).  Shape inference recomputes them from the graph.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    del copy.graph.value_info[:]
+    for output in copy.graph.output:
+        if output.type.HasField("tensor_type") and output.type.tensor_type.HasField("shape"):
+            for dim in output.type.tensor_type.shape.dim:
+                if dim.HasField("dim_value"):  # a number is a claim folding would trust;
+                    dim.Clear()  # a symbolic name and the rank stay
+    return copy
+
+
+def _restore_output_dims(original: onnx.ModelProto, optimized: onnx.ModelProto) -> None:
+    """Give the stage-1 outputs the declared symbolic dim names (``batch``) where the
+    inferred shape agrees in rank and leaves the dim unknown; never a declared number."""
+    declared = {o.name: o.type.tensor_type for o in original.graph.output if o.type.HasField("tensor_type")}
+    for output in optimized.graph.output:
+        want = declared.get(output.name)
+        have = output.type.tensor_type
+        if want is None or not want.HasField("shape") or not have.HasField("shape"):
+            continue
+        if len(want.shape.dim) != len(have.shape.dim):
+            continue
+        for d_want, d_have in zip(want.shape.dim, have.shape.dim):
+            if d_want.dim_param and not d_have.HasField("dim_value"):
+                d_have.dim_param = d_want.dim_param
+
+
+def _user_names(graph: ir.Graph) -> dict[tuple, str]:
+    """Keys under which a node's user-given name can be found again after rewriting:
+    (op type, first input), (op type, first output), (first output)."""
+    keys: dict[tuple, str] = {}
+    for node in graph:
+        if not node.name:
+            continue
+        first_in = node.inputs[0].name if node.inputs and node.inputs[0] is not None else None
+        first_out = node.outputs[0].name if node.outputs else None
+        for key in ((node.op_type, "in", first_in), (node.op_type, "out", first_out), ("out", first_out)):
+            if key[-1] is not None:
+                keys.setdefault(key, node.name)
+    return keys
+
+
+def _restore_user_names(graph: ir.Graph, keys: dict[tuple, str]) -> int:
+    """Name the nodes that rewriting made (unnamed, or named by the optimizer) after the
+    node they replace (a Conv with BatchNorm folded in keeps the Conv's name), so
+    exclusions written against the user's model still match.  Returns how many nodes
+    got a user's name back."""
+    given = set(keys.values())
+    used = {node.name for node in graph if node.name in given}
+    restored = 0
+    for node in graph:
+        if node.name in given:
+            continue
+        first_in = node.inputs[0].name if node.inputs and node.inputs[0] is not None else None
+        first_out = node.outputs[0].name if node.outputs else None
+        for key in ((node.op_type, "in", first_in), (node.op_type, "out", first_out), ("out", first_out)):
+            name = keys.get(key)
+            if key[-1] is not None and name is not None and name not in used:
+                node.name = name
+                used.add(name)
+                restored += 1
+                break
+    return restored
 
 
 def _drop_unknown_reshape_allowzero(model: onnx.ModelProto) -> None:
@@ -225,34 +298,44 @@ def _drop_unknown_reshape_allowzero(model: onnx.ModelProto) -> None:
             node.attribute.extend(kept)
 
 
-def optimize_model(model, input_shapes: Mapping[str, Sequence[int]] | None = None) -> onnx.ModelProto:
+def optimize_model(model, input_shapes: Mapping[str, Sequence[int]] | None = None, *,
+                   conservative: bool = False) -> onnx.ModelProto:
     """Stage 1: return an optimized, numerically equivalent copy of ``model``.
 
     ``model`` is a path or ModelProto; ``input_shapes`` optionally fixes dynamic input
-    dims, e.g. ``{"x": [1, 3, 224, 224]}``.
+    dims, e.g. ``{"x": [1, 3, 224, 224]}``.  Node names given by the user survive, also on
+    nodes that a rewrite merged (a BatchNorm folded into a Conv leaves the Conv's name).
+    ``conservative`` skips the optimizer and the rewrite rules (opset conversion, clean-up
+    and shapes only): the fallback when the optimized model does not compute the same
+    outputs as the input.
     """
-    proto = _ensure_opset(load_model(model))
+    original = load_model(model)
+    converted = _ensure_opset(original)
+    proto = _forget_declared_shapes(converted)
     try:
         ir_model = ir.from_proto(proto)
     except Exception as exc:
-        reason = checker_failure(proto) if fits_in_protobuf(proto) else None
+        reason = checker_failure(converted) if fits_in_protobuf(converted) else None
         if reason is not None:
-            raise invalid_input(reason) from None
-        raise ModelError(f"cannot read the model graph: {exc}") from None
+            raise invalid_input(reason) from exc
+        raise ModelError(f"cannot read the model graph: {exc}") from exc
     ir_passes.RemoveInitializersFromInputsPass()(ir_model)
     if input_shapes:
         _fix_input_shapes(ir_model, input_shapes)
+    names = _user_names(ir_model.graph)
     try:
-        onnxscript.optimizer.optimize_ir(ir_model)
-        onnxscript.rewriter.rewrite(ir_model, _FOLDING_RULES)
-        onnxscript.optimizer.optimize_ir(ir_model)
+        if not conservative:
+            onnxscript.optimizer.optimize_ir(ir_model)
+            onnxscript.rewriter.rewrite(ir_model, _FOLDING_RULES)
+            onnxscript.optimizer.optimize_ir(ir_model)
         ir_passes.IdentityEliminationPass()(ir_model)
         repair_subgraph_outputs(ir_model)  # identity elimination may break If/Loop bodies
         ir_passes.RemoveUnusedNodesPass()(ir_model)
+        _restore_user_names(ir_model.graph, names)
         ir_passes.NameFixPass()(ir_model)
         ir_passes.TopologicalSortPass()(ir_model)
     except Exception as exc:
-        raise ModelError(f"graph optimization failed: {type(exc).__name__}: {exc}") from None
+        raise ModelError(f"graph optimization failed: {type(exc).__name__}: {exc}") from exc
     ir_model.producer_name = "onnx-int8-quantizer"
     optimized = ir.to_proto(ir_model)
     _drop_unknown_reshape_allowzero(optimized)
@@ -260,4 +343,5 @@ def optimize_model(model, input_shapes: Mapping[str, Sequence[int]] | None = Non
         optimized = onnx.shape_inference.infer_shapes(optimized, data_prop=True)
     except Exception:
         pass  # shapes are an aid for placement, not a requirement
+    _restore_output_dims(original, optimized)
     return optimized

@@ -1,58 +1,386 @@
-"""The one call that runs all three stages and reports what it did."""
+"""The pipeline: one declared list of steps over one context.
+
+    load -> refuse_quantized -> check_outputs -> optimize -> resolve_scope -> check_stage1
+    -> prepare_calibration -> verify_stage1 -> collect -> save_calibration
+    -> compute_ranges -> protect -> insert_qdq
+    -> tensor_report -> save_ranges -> write_model -> summarize -> write_report -> commit
+
+``quantize_model`` runs them all; ``autotune`` runs the same list, repeating the
+quantization part once per trial.  A step has one job, skips itself when the run does
+not ask for it (``applies``), and says what it changed; the context records the step,
+its time and its stage.  Callers add steps of their own (the model editor's integer
+inputs/outputs) with ``with_steps``.
+"""
 
 from __future__ import annotations
 
-import collections
 import platform
 import time
-from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Sequence
 
 import onnx
+import onnx_ir as ir
 
+from . import runtime
 from .calibrate import Calibrator
-from .checks import check_stage1, refuse_quantized
-from .model_io import load_model
+from .calibration_state import save_ranges as write_ranges_file
+from .checks import check_stage1, nothing_to_quantize, ort_message, refuse_quantized
+from .config import CalibrationInputs, Outputs, QuantizationConfig
+from .context import Context, Written
+from .dataset import DataSource, input_specs
+from .errors import ModelError
+from .model_io import (
+    check_distinct_outputs,
+    load_model,
+    save_model_atomic,
+    write_atomic,
+)
 from .optimize import optimize_model
 from .protect import PROTECTED_REASON, find_protected
-from .qdq.plan import resolve_exclude
-from .quantize import quantize_with_plan
-from .report import SampleKeeper, report_summary
+from .qdq.plan import build_plan, resolve_exclude
+from .quantize import insert, validate_ranges
+from .report import report_summary
+from .subgraphs import count_subgraph_nodes
+from .summary import build_summary
+from .verify import Reference, WrittenModelCheck, compare_outputs
+
+# Stage 1 must compute the input model's function: an output whose SQNR against the input
+# model falls below this is a rewrite gone wrong (folding noise is far above: > 100 dB).
+STAGE1_MIN_SQNR_DB = 40.0
+
+
+@dataclass(frozen=True)
+class Step:
+    """One job of the pipeline.  ``run(ctx)`` returns what it changed (a short text) or
+    None; ``applies(ctx)`` False skips it.  ``stage`` groups the time in the summary."""
+
+    name: str
+    stage: str
+    run: Callable[[Context], str | None]
+    applies: Callable[[Context], bool] = lambda ctx: True
+
+
+def run_steps(steps: Iterable[Step], ctx: Context) -> Context:
+    for step in steps:
+        if not step.applies(ctx):
+            continue
+        start = time.perf_counter()
+        changed = step.run(ctx)
+        elapsed = time.perf_counter() - start
+        ctx.timings[step.stage] = ctx.timings.get(step.stage, 0.0) + elapsed
+        ctx.steps.append({"step": step.name, "seconds": round(elapsed, 3), "changed": changed})
+    return ctx
+
+
+# -- stage 1 ---------------------------------------------------------------------------
+
+def _load(ctx: Context) -> str:
+    ctx.original = load_model(ctx.source)
+    return f"{len(ctx.original.graph.node)} nodes"
+
+
+def _refuse_quantized(ctx: Context) -> None:
+    refuse_quantized(ctx.original)
+
+
+def _check_outputs(ctx: Context) -> None:
+    check_distinct_outputs(ctx.outputs.files(), ctx.source_path)
+
+
+def _optimize(ctx: Context) -> str:
+    ctx.stage1 = optimize_model(ctx.original, ctx.config.input_shapes, conservative=ctx.conservative)
+    ctx.model = ir.from_proto(ctx.stage1)
+    return f"{len(ctx.stage1.graph.node)} nodes" + (" (conservative: no optimizer)" if ctx.conservative else "")
+
+
+def _resolve_scope(ctx: Context) -> str | None:
+    ctx.excluded, unmatched = resolve_exclude(ctx.model.graph, ctx.config.exclude.patterns)
+    ctx.notes.extend(f"`exclude` pattern '{p}' matches no node name or op type (after optimization)"
+                     for p in unmatched)
+    return f"{len(ctx.excluded)} nodes excluded" if ctx.excluded else None
+
+
+def _check_stage1(ctx: Context) -> str:
+    ctx.plan = build_plan(ctx.model, ctx.excluded)
+    ctx.notes.extend(check_stage1(ctx.original, ctx.stage1, ctx.plan))
+    return f"{len(ctx.plan.quantized_nodes)} nodes to quantize, {len(ctx.plan.calibrated_tensors)} tensors to calibrate"
+
+
+STAGE1 = (
+    Step("optimize", "optimize", _optimize),
+    Step("resolve_scope", "optimize", _resolve_scope),
+    Step("check_stage1", "optimize", _check_stage1),
+)
+
+
+# -- stage 2 ---------------------------------------------------------------------------
+
+def _calibrates(ctx: Context) -> bool:
+    return ctx.inputs.ranges is None
+
+
+def _prepare_calibration(ctx: Context) -> str | None:
+    keep = ctx.keep_histograms or bool(ctx.outputs.save_calibration or ctx.inputs.states or ctx.config.protect)
+    ctx.calibrator = Calibrator(ctx.stage1, ctx.config.method, ctx.config.percentile,
+                                show_progress=ctx.config.show_progress, keep_histograms=True if keep else None,
+                                tensors=ctx.plan.calibrated_tensors)
+    for state in ctx.inputs.states:
+        ctx.calibrator.load_state(state)
+    return f"merged {len(ctx.inputs.states)} saved state(s)" if ctx.inputs.states else None
+
+
+def _stage1_outputs(ctx: Context, sample) -> dict:
+    if ctx.calibrator is not None:  # its session also returns the graph outputs
+        session = ctx.calibrator.session()
+    else:
+        session = runtime.session(ctx.stage1)
+    names = [o.name for o in ctx.stage1.graph.output]
+    return dict(zip(names, session.run(names, sample)))
+
+
+def _verify_stage1(ctx: Context) -> str | None:
+    """Stage 1 must compute the input model's outputs: on the first sample, compare them
+    (shapes and values).  On a mismatch, redo stage 1 without the optimizer; if that
+    differs too, refuse the model (nothing is quantized from a wrong graph)."""
+    first = ctx.data.first(input_specs(ctx.original))
+    if first is None:
+        return None
+    sample, name = first
+    try:
+        ctx.reference = Reference.of(ctx.original, sample, name)
+    except Exception as exc:  # e.g. an old opset onnxruntime no longer runs: stage 1 is the reference
+        ctx.notes.append(f"stage-1 check skipped: onnxruntime cannot run the input model as written "
+                         f"({ort_message(exc)})")
+        try:
+            ctx.reference = Reference.of(ctx.stage1, sample, name)
+        except Exception:
+            ctx.reference = None  # calibration reports why the model does not run
+        return None
+    problem = _stage1_difference(ctx, sample)
+    if problem is None:
+        return "outputs match the input model"
+    if ctx.conservative:
+        raise ModelError(f"stage 1 changes the model's output {problem} on calibration sample {name}, even "
+                         "without optimizations; the model cannot be quantized safely (please report it)")
+    ctx.conservative = True
+    run_steps(STAGE1 + (PREPARE_CALIBRATION,), ctx)
+    problem_again = _stage1_difference(ctx, sample)
+    if problem_again is not None:
+        raise ModelError(f"stage 1 changes the model's output {problem_again} on calibration sample {name}, "
+                         "even without optimizations; the model cannot be quantized safely (please report it)")
+    ctx.notes.append(f"stage 1 optimizations changed output {problem} on calibration sample {name}; "
+                     "quantized the model without them (slower, but the same function)")
+    return "mismatch: fell back to stage 1 without optimizations"
+
+
+def _stage1_difference(ctx: Context, sample) -> str | None:
+    try:
+        outputs = _stage1_outputs(ctx, sample)
+    except ModelError:
+        raise
+    except Exception as exc:
+        return f"(onnxruntime fails: {ort_message(exc)})"
+    sqnr, broken = compare_outputs(ctx.reference, outputs)
+    if broken:
+        return f"'{broken[0].output}' ({broken[0].why})"
+    for output, db in sqnr.items():
+        ref = ctx.reference.outputs[output]
+        if db < STAGE1_MIN_SQNR_DB and float(abs(ref - outputs[output]).max(initial=0.0)) > 1e-5:
+            return f"'{output}' (SQNR {db:.1f} dB against the input model)"
+    return None
+
+
+def _collect(ctx: Context) -> str:
+    ctx.calibrator.collect_data(ctx.data.stream())
+    return f"{ctx.calibrator.samples_seen} samples, {len(ctx.calibrator.tensors)} tensors"
+
+
+def _save_calibration(ctx: Context) -> str:
+    ctx.calibrator.save_state(ctx.outputs.save_calibration, transaction=ctx.transaction)
+    return str(ctx.outputs.save_calibration)
+
+
+PREPARE_CALIBRATION = Step("prepare_calibration", "calibrate", _prepare_calibration, _calibrates)
+
+
+# -- stage 3 ---------------------------------------------------------------------------
+
+def _compute_ranges(ctx: Context) -> str:
+    method = ctx.config.method
+    if ctx.inputs.ranges is not None:
+        ranges = validate_ranges(ctx.inputs.ranges)
+    else:
+        if method not in ctx.ranges_by_method:
+            ctx.ranges_by_method[method] = ctx.calibrator.compute_range(method)
+        ranges = ctx.ranges_by_method[method]
+    ctx.ranges = {**ranges, **ctx.config.range_overrides}
+    return f"{len(ctx.ranges)} ranges ({'given' if ctx.inputs.ranges is not None else method.value.lower()})"
+
+
+def _protect(ctx: Context) -> str | None:
+    statistics = ctx.calibrator.statistics if ctx.calibrator is not None and ctx.calibrator.samples_seen else None
+    protected, notes = find_protected(ctx.model, ctx.ranges, ctx.excluded | set(ctx.keep_float),
+                                      ctx.config.activation_dtype, statistics=statistics)
+    ctx.protected = protected
+    ctx.notes.extend(notes)
+    return f"{len(protected)} nodes kept float" if protected else None
+
+
+def _insert_qdq(ctx: Context) -> str:
+    keep = ctx.excluded | set(ctx.keep_float) | {p["node"] for p in ctx.protected}
+    ctx.outcome = insert(ir.from_proto(ctx.stage1), ctx.ranges, ctx.config.activation_dtype, keep,
+                         ctx.config.weight_range)
+    reasons = ctx.outcome.plan.float_reasons
+    reasons.update({p["node"]: PROTECTED_REASON for p in ctx.protected})
+    reasons.update(ctx.keep_float)
+    if ctx.config.activation_dtype == "int8" and platform.machine().lower() in ("x86_64", "amd64"):
+        ctx.notes.append("onnxruntime on x86 fuses uint8 activations into integer kernels where int8 often "
+                         "stays float (DQ/Q around float ops); for CPU deployment try `activation_dtype` uint8")
+    return f"{len(ctx.outcome.plan.quantized_nodes)} nodes quantized"
+
+
+QUANTIZE = (
+    Step("compute_ranges", "quantize", _compute_ranges),
+    Step("protect", "quantize", _protect, lambda ctx: ctx.config.protect),
+    Step("insert_qdq", "quantize", _insert_qdq),
+)
+
+
+# -- results ---------------------------------------------------------------------------
+
+def _refuse_float_copy(ctx: Context) -> None:
+    """Whatever left every node float (ranges for unknown tensors only, protection, a
+    fallback), the result would be a float copy that passes CI silently: refuse it."""
+    if not ctx.outcome.plan.quantized_nodes:
+        raise nothing_to_quantize(ctx.outcome.plan, count_subgraph_nodes(ctx.stage1))
+
+
+def _tensor_report(ctx: Context) -> str:
+    ctx.tensor_report = report_summary(ctx.stage1, ctx.outcome, ctx.data.samples(ctx.config.report_samples),
+                                       ctx.ranges, ctx.config.report_samples)
+    return f"{len(ctx.tensor_report['tensors'])} tensors on {ctx.tensor_report['report_samples']} samples"
+
+
+def _save_ranges(ctx: Context) -> str:
+    write_ranges_file(ctx.ranges, ctx.outputs.save_ranges, transaction=ctx.transaction)
+    return str(ctx.outputs.save_ranges)
+
+
+def _write_model(ctx: Context) -> str:
+    check = WrittenModelCheck(ctx.outcome.model, ctx.reference, ctx.outputs.min_sqnr_db)
+    size = save_model_atomic(ctx.outcome.model, ctx.outputs.model, verify=check, transaction=ctx.transaction)
+    ctx.written = Written(ctx.outputs.model, size, check.fidelity)
+    if check.error:
+        ctx.notes.append(check.error)
+    fidelity = check.fidelity
+    if fidelity is None:
+        if ctx.reference is None:
+            ctx.notes.append("fidelity check skipped: no calibration samples to run")
+    else:
+        if fidelity.sqnr_db:
+            values = ", ".join(f"{name} {value:.1f} dB" for name, value in fidelity.sqnr_db.items())
+            ctx.notes.append(f"fidelity on calibration sample {fidelity.sample}: output SQNR {values}")
+        warning = fidelity.warning()
+        if warning:
+            ctx.notes.append(f"warning: {warning}")
+    return f"{size} bytes"
+
+
+def _summarize(ctx: Context) -> None:
+    ctx.summary = build_summary(ctx)
+
+
+def _write_report(ctx: Context) -> str:
+    import json
+
+    text = json.dumps(ctx.summary.as_dict(), indent=2, sort_keys=True) + "\n"
+    write_atomic(ctx.outputs.report, lambda handle: handle.write(text.encode()), transaction=ctx.transaction)
+    return str(ctx.outputs.report)
+
+
+def _commit(ctx: Context) -> None:
+    ctx.transaction.commit()
+
+
+PREPARE = (
+    Step("load", "optimize", _load),
+    Step("refuse_quantized", "optimize", _refuse_quantized),
+    Step("check_outputs", "optimize", _check_outputs, lambda ctx: bool(ctx.outputs.files())),
+    *STAGE1,
+    PREPARE_CALIBRATION,
+    Step("verify_stage1", "calibrate", _verify_stage1, lambda ctx: ctx.data.source is not None),
+    Step("collect", "calibrate", _collect, lambda ctx: _calibrates(ctx) and ctx.data.source is not None),
+    Step("save_calibration", "calibrate", _save_calibration,
+         lambda ctx: _calibrates(ctx) and ctx.outputs.save_calibration is not None),
+)
+FINISH = (
+    Step("refuse_float_copy", "quantize", _refuse_float_copy),
+    Step("tensor_report", "report", _tensor_report, lambda ctx: ctx.config.report_samples > 0),
+    Step("save_ranges", "write", _save_ranges, lambda ctx: ctx.outputs.save_ranges is not None),
+    Step("write_model", "write", _write_model, lambda ctx: ctx.outputs.model is not None),
+    Step("summarize", "write", _summarize),
+    Step("write_report", "write", _write_report, lambda ctx: ctx.outputs.report is not None),
+    Step("commit", "write", _commit),
+)
+PIPELINE = PREPARE + QUANTIZE + FINISH
+
+
+def with_steps(steps: Sequence[Step], after: str, extra: Sequence[Step]) -> tuple[Step, ...]:
+    """``steps`` with ``extra`` inserted after the step named ``after``."""
+    names = [s.name for s in steps]
+    index = names.index(after) + 1
+    return (*steps[:index], *extra, *steps[index:])
+
+
+def new_context(model, config: QuantizationConfig, inputs: CalibrationInputs | None = None,
+                outputs: Outputs | None = None, **extra) -> Context:
+    inputs = inputs or CalibrationInputs()
+    ctx = Context(config=config, source=model, inputs=inputs, outputs=outputs or Outputs(), **extra)
+    ctx.data = DataSource(inputs.data, keep=config.report_samples)
+    return ctx
+
+
+def run(ctx: Context, steps: Sequence[Step] = PIPELINE) -> Context:
+    """Run ``steps`` over ``ctx``; on any failure (or Ctrl-C) nothing staged is written."""
+    try:
+        return run_steps(steps, ctx)
+    except BaseException:
+        ctx.transaction.abort()
+        raise
 
 
 @dataclass
 class QuantizationResult:
     model: onnx.ModelProto
     ranges: dict[str, tuple[float, float]]
-    summary: dict = field(default_factory=dict)
-
-
-def _model_bytes(model: onnx.ModelProto) -> int:
-    return model.ByteSize()
+    summary: Mapping = None
 
 
 def quantize_model(
     model,
-    dataset,
+    dataset=None,
     method: str = "MIN_MAX_ASYM",
     *,
-    percentage: float = 99.99,
+    config: QuantizationConfig | None = None,
+    percentage: float | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
-    activation_dtype: str = "int8",
-    weight_range: str = "auto",
-    exclude: Iterable[str] = (),
+    activation_dtype: str | None = None,
+    weight_range: str | None = None,
+    exclude: Iterable[str] | None = None,
     show_progress: bool | None = None,
     load_calibration: Sequence = (),
     save_calibration=None,
     ranges: Mapping[str, Sequence[float]] | None = None,
     range_overrides: Mapping[str, Sequence[float]] | None = None,
-    protect: bool = True,
-    report_samples: int = 0,
+    protect: bool | None = None,
+    report_samples: int | None = None,
 ) -> QuantizationResult:
-    """optimize -> calibrate -> quantize.
+    """optimize -> calibrate -> quantize, as the pipeline's steps.
 
-    ``dataset`` is a folder or an iterable of samples (or None when the statistics come
-    from ``load_calibration`` states, or the ranges are given directly).
+    ``config`` is the typed configuration; the keyword arguments build one (or change the
+    given one).  ``dataset`` is a folder or an iterable of samples (or None when the
+    statistics come from ``load_calibration`` states, or the ranges are given directly).
     ``save_calibration`` writes the state so other methods can reuse it without a model run.
     ``range_overrides`` replaces the ranges of the named tensors after calibration, e.g.
     ``{"x": (0, 1)}`` so that a uint8 input's parameters are exactly scale 1/255, zero point 0.
@@ -60,89 +388,12 @@ def quantize_model(
     float the shared-parameter nodes whose one scale would crush a tensor (protect.py).
     ``report_samples`` > 0 adds ``summary["tensors"]``: per-tensor SQNR on that many samples.
     """
-    timings = {}
-    start = time.perf_counter()
-    original = load_model(model)
-    refuse_quantized(original)
-    optimized = optimize_model(original, input_shapes)
-    timings["optimize"] = time.perf_counter() - start
-    exclude, unmatched = resolve_exclude(optimized.graph.node, exclude)
-    stage1_notes = check_stage1(original, optimized, exclude)  # before the calibration pass
-    keeper = SampleKeeper(dataset, report_samples)
-
-    start = time.perf_counter()
-    calibration_info = {"method": "given ranges", "samples": 0, "nonfinite_values": {}}
-    if ranges is None:
-        calibrator = Calibrator(optimized, method, percentage, exclude=exclude, show_progress=show_progress,
-                                keep_histograms=True if (save_calibration or load_calibration or protect) else None)
-        for state in load_calibration:
-            calibrator.load_state(state)
-        if dataset is not None:
-            calibrator.collect_data(keeper.dataset)
-        if save_calibration is not None:
-            calibrator.save_state(save_calibration)
-        ranges = calibrator.compute_range()
-        calibration_info = {
-            "method": calibrator.method.value,
-            "samples": calibrator.samples_seen,
-            "nonfinite_values": {n: s.nonfinite for n, s in calibrator.statistics.items() if s.nonfinite},
-            "nonfinite_samples": calibrator.nonfinite_samples,
-        }
-    ranges = {**ranges, **(range_overrides or {})}
-    timings["calibrate"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    statistics = calibrator.statistics if calibration_info["samples"] else None
-    protected, crushed = (find_protected(optimized, ranges, exclude, activation_dtype, statistics=statistics)
-                          if protect else ([], []))
-    outcome = quantize_with_plan(optimized, ranges, activation_dtype, exclude | {p["node"] for p in protected}, weight_range)
-    outcome.plan.float_reasons.update({p["node"]: PROTECTED_REASON for p in protected})
-    timings["quantize"] = time.perf_counter() - start
-
-    summary = build_summary(original, optimized, outcome, timings)
-    if activation_dtype == "int8" and platform.machine().lower() in ("x86_64", "amd64"):
-        summary["notes"].append(
-            "onnxruntime on x86 fuses uint8 activations into integer kernels where int8 often stays "
-            "float (DQ/Q around float ops); for CPU deployment try --activation-dtype uint8"
-        )
-    summary["calibration"] = {**calibration_info, "tensors": len(ranges)}
-    if range_overrides:
-        summary["calibration"]["overridden"] = {name: list(map(float, r)) for name, r in range_overrides.items()}
-    summary["protected"] = protected
-    summary["notes"].extend(crushed)
-    summary["notes"].extend(stage1_notes)
-    summary["notes"].extend(f"--exclude '{p}' matches no node name or op type (after optimization)" for p in unmatched)
-    if report_samples > 0:
-        summary.update(report_summary(optimized, outcome, keeper.samples(), ranges, report_samples))
-    return QuantizationResult(outcome.model, ranges, summary)
-
-
-def build_summary(original: onnx.ModelProto, optimized: onnx.ModelProto, outcome, timings: dict) -> dict:
-    plan = outcome.plan
-    quantized = collections.Counter(n.op_type for n in plan.quantized_nodes)
-    float_nodes = [
-        {"node": name, "op_type": _op_type(optimized, name), "reason": reason}
-        for name, reason in sorted(plan.float_reasons.items())
-    ]
-    return {
-        "nodes": {
-            "original": len(original.graph.node),
-            "optimized": len(optimized.graph.node),
-            "quantized": sum(quantized.values()),
-            "quantized_by_op": dict(sorted(quantized.items())),
-            "activations_folded_into_q": len(plan.absorbed_nodes),
-            "float": float_nodes,
-        },
-        "activation_dtype": str(next(iter(outcome.params.values())).zero_point.dtype) if outcome.params else None,
-        "weight_range": outcome.weight_range,
-        "size_bytes": {"before": _model_bytes(original), "after": _model_bytes(outcome.model)},
-        "seconds": {k: round(v, 3) for k, v in timings.items()},
-        "notes": [],
-    }
-
-
-def _op_type(model: onnx.ModelProto, name: str) -> str:
-    for node in model.graph.node:
-        if node.name == name:
-            return node.op_type
-    return "?"
+    changes = dict(method=method if config is None or method != "MIN_MAX_ASYM" else None,
+                   percentile=percentage, input_shapes=input_shapes, activation_dtype=activation_dtype,
+                   weight_range=weight_range, exclude=exclude, show_progress=show_progress,
+                   range_overrides=range_overrides, protect=protect, report_samples=report_samples)
+    changes = {k: v for k, v in changes.items() if v is not None}
+    config = config.with_(**changes) if config is not None else QuantizationConfig(**changes)
+    inputs = CalibrationInputs(dataset, load_calibration, ranges)
+    ctx = run(new_context(model, config, inputs, Outputs(save_calibration=save_calibration)))
+    return QuantizationResult(ctx.outcome.model, ctx.ranges, ctx.summary)

@@ -132,7 +132,7 @@ def _joining_nodes(plan: QuantPlan, crushed: Mapping[str, str]) -> dict[str, tup
     return found
 
 
-def find_protected(model: onnx.ModelProto, ranges: Mapping, exclude: Iterable[str] = (),
+def find_protected(model: onnx.ModelProto | ir.Model, ranges: Mapping, exclude: Iterable[str] = (),
                    activation_dtype: str = "int8", min_steps: float = MIN_STEPS,
                    statistics: Mapping | None = None) -> tuple[list[dict], list[str]]:
     """([{"node", "reason"}] to keep float, [notes]) given the calibrated ``ranges`` (and the
@@ -143,10 +143,10 @@ def find_protected(model: onnx.ModelProto, ranges: Mapping, exclude: Iterable[st
     it is left quantized and a note says which tensor is crushed.  Repeats until no new
     node is found (leaving a node float splits its group, which can expose another one).
     """
-    ir_model = ir.from_proto(model)
+    ir_model = model if isinstance(model, ir.Model) else ir.from_proto(model)
     skip = set(exclude)
     protected, notes, declined = [], [], set()
-    for _ in range(len(model.graph.node) + 1):
+    for _ in range(len(ir_model.graph) + 1):
         plan = build_plan(ir_model, skip)
         own = member_ranges(plan, ranges)
         found = _joining_nodes(plan, _crushed_members(plan, own, activation_dtype, min_steps))
@@ -165,7 +165,7 @@ def find_protected(model: onnx.ModelProto, ranges: Mapping, exclude: Iterable[st
             if still:
                 declined.add(name)
                 notes.append(f"{reason}; keeping '{name}' float would not help, '{still[0]}' is quantized "
-                             f"anyway (--exclude its consumers to keep it float)")
+                             f"anyway (`exclude` its consumers to keep it float)")
             else:
                 protected.append({"node": name, "reason": reason})
                 skip.add(name)

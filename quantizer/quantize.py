@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -10,10 +11,15 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
 from .checks import refuse_quantized
-from .errors import InternalError, UsageError
+from .errors import InternalError, UsageError, first_line
 from .model_io import fits_in_protobuf, load_model
 from .qdq.insert import insert_qdq
-from .qdq.params import ACTIVATION_DTYPES, WEIGHT_QMAX, ActivationParams, resolve_weight_range
+from .qdq.params import (
+    ACTIVATION_DTYPES,
+    WEIGHT_QMAX,
+    ActivationParams,
+    resolve_weight_range,
+)
 from .qdq.plan import QuantPlan, build_plan
 
 
@@ -41,30 +47,31 @@ def _plan_with_ranges(model: ir.Model, ranges: Mapping, exclude: set[str]) -> Qu
                 reasons[node.name] = f"no range for tensor '{min(touched & missing)}'"
 
 
-def _validate_ranges(ranges: Mapping) -> dict[str, tuple[float, float]]:
+def validate_ranges(ranges: Mapping) -> dict[str, tuple[float, float]]:
+    """{tensor: (min, max)} with finite numbers and min <= max, else a UsageError."""
     checked = {}
     for name, pair in ranges.items():
         try:
             low, high = (float(v) for v in pair)
-        except (TypeError, ValueError):
-            raise UsageError(f"range for tensor '{name}' must be two numbers [min, max], got {pair!r}") from None
-        if not (low <= high) or low != low or high != high:
-            raise UsageError(f"range for tensor '{name}' has min > max or NaN: [{low}, {high}]")
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"range for tensor '{name}' must be two numbers [min, max], got {pair!r}") from exc
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise UsageError(f"range for tensor '{name}' must be finite, got [{low}, {high}]")
+        if not low <= high:
+            raise UsageError(f"range for tensor '{name}' has min > max: [{low}, {high}]")
         checked[name] = (low, high)
     return checked
 
 
-def quantize_with_plan(model, ranges: Mapping, activation_dtype: str = "int8",
-                       exclude: Iterable[str] = (), weight_range: str = "auto") -> QuantizeOutcome:
+def insert(ir_model: ir.Model, ranges: Mapping, activation_dtype: str = "int8",
+           exclude: Iterable[str] = (), weight_range: str = "auto") -> QuantizeOutcome:
+    """Plan and insert Q/DQ into ``ir_model`` (a stage-1 model, changed in place)."""
     if activation_dtype not in ACTIVATION_DTYPES:
-        raise UsageError(f"activation dtype must be one of {', '.join(ACTIVATION_DTYPES)}, got {activation_dtype!r}")
+        raise UsageError(f"`activation_dtype` must be one of {', '.join(ACTIVATION_DTYPES)}, got {activation_dtype!r}")
     if weight_range not in (*WEIGHT_QMAX, "auto"):
-        raise UsageError(f"weight range must be full, reduced or auto, got {weight_range!r}")
+        raise UsageError(f"`weight_range` must be full, reduced or auto, got {weight_range!r}")
     weight_range = resolve_weight_range(weight_range)
-    proto = load_model(model)
-    refuse_quantized(proto)
-    ranges = _validate_ranges(ranges)
-    ir_model = ir.from_proto(proto)
+    ranges = validate_ranges(ranges)
     plan = _plan_with_ranges(ir_model, ranges, set(exclude))
     params = insert_qdq(ir_model, plan, ranges, activation_dtype, WEIGHT_QMAX[weight_range])
     ir_passes.RemoveUnusedNodesPass()(ir_model)
@@ -74,8 +81,16 @@ def quantize_with_plan(model, ranges: Mapping, activation_dtype: str = "int8",
         if fits_in_protobuf(out):  # larger models are checked from the written file
             onnx.checker.check_model(out, full_check=True)
     except Exception as exc:
-        raise InternalError(f"the quantized model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+        raise InternalError(f"the quantized model fails onnx.checker: {first_line(exc)}") from exc
     return QuantizeOutcome(out, plan, params, weight_range)
+
+
+def quantize_with_plan(model, ranges: Mapping, activation_dtype: str = "int8",
+                       exclude: Iterable[str] = (), weight_range: str = "auto") -> QuantizeOutcome:
+    """``insert`` on a stage-1 model given as a path or ModelProto (refused if quantized)."""
+    proto = load_model(model)
+    refuse_quantized(proto)
+    return insert(ir.from_proto(proto), ranges, activation_dtype, exclude, weight_range)
 
 
 def quantize(model, ranges: Mapping, activation_dtype: str = "int8",

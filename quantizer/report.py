@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import itertools
 import math
-from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .calibrate import with_extra_outputs
+from . import runtime
+from .checks import ort_message
 from .dataset import input_specs, iter_samples
 from .errors import CalibrationDataError, ModelError
 
 DEFAULT_REPORT_SAMPLES = 4
-TERMINAL_ROWS = 10
 
 
 def dequantized_names(int8_model: onnx.ModelProto) -> dict[str, str]:
@@ -48,14 +47,10 @@ def dequantized_names(int8_model: onnx.ModelProto) -> dict[str, str]:
 
 def _session(model: onnx.ModelProto, extra_outputs: Iterable[str]) -> ort.InferenceSession:
     """A session exposing ``extra_outputs``, unoptimized so that every Q/DQ tensor exists."""
-    exposed = with_extra_outputs(model, list(extra_outputs))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
     try:
-        return ort.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return runtime.session(model, extra_outputs=list(extra_outputs), optimize=False)
     except Exception as exc:
-        raise ModelError(f"onnxruntime cannot load the model for the tensor report: {str(exc).splitlines()[0]}") from None
+        raise ModelError(f"onnxruntime cannot load the model for the tensor report: {ort_message(exc)}") from exc
 
 
 def sqnr_db(signal: float, noise: float) -> float | None:
@@ -107,7 +102,7 @@ def measure(float_model: onnx.ModelProto, int8_model: onnx.ModelProto, samples, 
                 reference = dict(zip(float_outputs, float_session.run(float_outputs, sample)))
                 quantized = int8_session.run([mapping[t] for t in tensors], sample)
             except Exception as exc:
-                raise CalibrationDataError(f"onnxruntime failed on report sample {used + 1}: {str(exc).splitlines()[0]}") from None
+                raise CalibrationDataError(f"onnxruntime failed on report sample {used + 1}: {ort_message(exc)}") from exc
             for name, approx in zip(tensors, quantized):
                 ref = np.asarray(reference[name] if name in reference else sample[name], np.float64)
                 error = ref - approx
@@ -145,64 +140,3 @@ def _worst_first(entry: dict) -> tuple:
     if db is None:  # exact (or no signal at all: then any error is the worst)
         db = -math.inf if entry["mse"] else math.inf
     return (db, entry["tensor"])
-
-
-class SampleKeeper:
-    """Keep the first ``n`` samples of a dataset that calibration consumes once.
-
-    A folder is simply read again; a sequence is sliced; a one-shot iterator is wrapped
-    so the samples are remembered as calibration streams them (no second pass exists).
-    """
-
-    def __init__(self, dataset, n: int):
-        self.n, self.kept = n, []
-        self.source = dataset
-        self.dataset = dataset
-        if n > 0 and dataset is not None and not isinstance(dataset, (str, Path)) and not hasattr(dataset, "__getitem__"):
-            self.dataset = self._recording(dataset)
-
-    def _recording(self, dataset):
-        for item in dataset:
-            if len(self.kept) < self.n:
-                self.kept.append(item)
-            yield item
-
-    def samples(self):
-        if self.n <= 0 or self.source is None:
-            return None
-        if self.dataset is not self.source:
-            return self.kept
-        if isinstance(self.source, (str, Path)):
-            return self.source
-        return self.source[: self.n] if isinstance(self.source, (list, tuple)) else [self.source[i] for i in range(min(self.n, len(self.source)))]
-
-
-def report_lines(summary: dict, rows: int = TERMINAL_ROWS) -> list[str]:
-    """Terminal lines for the protected nodes and the worst tensors of ``summary``."""
-    lines = []
-    protected = summary.get("protected") or []
-    if protected:
-        lines.append(f"protected (kept float, --no-protect to disable): {len(protected)} nodes")
-        lines.extend(f"  {p['node']}: {p['reason']}" for p in protected)
-    tensors = summary.get("tensors")
-    if not tensors:
-        return lines
-    samples = summary.get("report_samples", 0)
-    shown = tensors[:rows]
-    more = f"; all {len(tensors)} in the JSON report" if len(tensors) > len(shown) else ""
-    if samples:
-        lines.append(f"per-tensor SQNR, int8 vs float on {samples} samples (worst first{more}):")
-    else:
-        lines.append(f"per-tensor parameters (no samples for SQNR{more}):")
-    lines.append(f"  {'SQNR dB':>8}  {'scale':>10}  {'zp':>4}  {'range':<23} tensor (node)")
-    for entry in shown:
-        db = entry["sqnr_db"]
-        if db is not None:
-            db_text = f"{db:8.1f}"
-        else:  # not measured, exact, or an all-zero float tensor that the int8 model got wrong
-            db_text = {None: "-", 0.0: "exact"}.get(entry["mse"], "-inf").rjust(8)
-        low, high = entry["range"] or entry["grid"]
-        where = f" ({entry['node']})" if entry["node"] else " (input)"
-        lines.append(f"  {db_text}  {entry['scale']:10.4g}  {entry['zero_point']:4d}  "
-                     f"{f'[{low:.4g}, {high:.4g}]':<23} {entry['tensor']}{where}")
-    return lines

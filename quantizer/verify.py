@@ -1,9 +1,13 @@
-"""Checks on a written model before it is renamed into place.
+"""Checks of models against the model they came from.
 
-Every emitted model must pass onnx.checker's full check and load in onnxruntime (a
-failure is our bug: InternalError, nothing written).  Then one calibration sample runs
-through the float and the int8 model; an output whose SQNR falls below a threshold the
-user sets is a warning, not a failure: a poor but valid model is the user's call.
+- ``check_emitted``: every written model passes onnx.checker's full check and loads in
+  onnxruntime (a failure is our bug: InternalError, nothing written).
+- ``compare_outputs``: the outputs of two models on one sample.  Used twice: the stage-1
+  model against the input model before calibration (they must compute the same
+  function), and the int8 model against the float model before the file is renamed into
+  place (fidelity).  An output whose shape changed, or that turned non-finite where the
+  reference is finite, is a broken model, never a warning.  An output whose SQNR falls
+  below the floor the user sets is a warning: a poor but valid model is the user's call.
 """
 
 from __future__ import annotations
@@ -12,16 +16,83 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from . import runtime
 from .checks import ort_message
-from .errors import InternalError
-from .model_io import ort_model_source
+from .config import DEFAULT_MIN_SQNR_DB
+from .errors import InternalError, first_line
+from .io_metadata import read_io
 
-DEFAULT_MIN_SQNR_DB = 10.0
+__all__ = ["DEFAULT_MIN_SQNR_DB", "Fidelity", "Reference", "WrittenModelCheck", "check_emitted",
+           "compare_outputs", "sqnr_db"]
+
+
+def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
+    """10 log10(signal / noise) over the finite reference values; inf when exact."""
+    reference = np.asarray(reference, np.float64)
+    approx = np.asarray(approx, np.float64)
+    if reference.shape != approx.shape:
+        return -math.inf
+    mask = np.isfinite(reference)
+    noise = float(np.sum((reference[mask] - approx[mask]) ** 2))
+    signal = float(np.sum(reference[mask] ** 2))
+    if not math.isfinite(noise):
+        return -math.inf
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+@dataclass
+class Reference:
+    """One sample and the reference model's outputs on it (computed once, reused)."""
+
+    name: str
+    sample: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+
+    @classmethod
+    def of(cls, model, sample: dict[str, np.ndarray], name: str) -> "Reference":
+        """Run ``model`` as written (onnxruntime's own graph rewrites off: they would trust
+        declared shapes the way stage 1 must not)."""
+        float_session = runtime.session(model, optimize=False)
+        names = [o.name for o in float_session.get_outputs()]
+        return cls(name, sample, dict(zip(names, float_session.run(None, sample))))
+
+
+@dataclass
+class Mismatch:
+    """Outputs that are not comparable at all: a changed shape, or non-finite values."""
+
+    output: str
+    why: str
+
+
+def compare_outputs(reference: Reference, outputs: Mapping[str, np.ndarray]) -> tuple[dict[str, float], list[Mismatch]]:
+    """({output: SQNR dB}, [broken outputs]) of ``outputs`` against the reference's float
+    outputs (integer outputs, indices or shapes, are not a fidelity measure)."""
+    sqnr, broken = {}, []
+    for name, ref in reference.outputs.items():
+        ref = np.asarray(ref)
+        if name not in outputs or ref.dtype.kind != "f":
+            continue
+        got = np.asarray(outputs[name])
+        if got.shape != ref.shape:
+            broken.append(Mismatch(name, f"shape {tuple(got.shape)} where the reference gives {tuple(ref.shape)}"))
+            continue
+        bad = np.isfinite(ref) & ~np.isfinite(got)
+        if bad.any():
+            broken.append(Mismatch(name, f"{int(bad.sum())} non-finite values where the reference is finite"))
+            continue
+        sqnr[name] = sqnr_db(ref, got)
+    return sqnr, broken
 
 
 @dataclass
@@ -44,8 +115,8 @@ class Fidelity:
         more = f" (and {len(self.low) - 1} more output(s))" if len(self.low) > 1 else ""
         return (
             f"output '{name}' of the int8 model has SQNR {value:.1f} dB on calibration sample {self.sample}, "
-            f"below --min-sqnr {self.min_sqnr_db:g} dB{more}; it may be inaccurate: try another --calib "
-            "method or --exclude the sensitive nodes"
+            f"below `min_sqnr_db` {self.min_sqnr_db:g} dB{more}; it may be inaccurate: try another "
+            "calibration `method` or `exclude` the sensitive nodes"
         )
 
     def as_dict(self) -> dict:
@@ -57,104 +128,61 @@ def _json_float(value: float) -> float | str:
     return round(value, 2) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
 
 
-def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
-    """10 log10(signal / noise) over the finite reference values; inf when exact."""
-    reference = np.asarray(reference, np.float64)
-    approx = np.asarray(approx, np.float64)
-    if reference.shape != approx.shape:
-        return -math.inf
-    mask = np.isfinite(reference)
-    noise = float(np.sum((reference[mask] - approx[mask]) ** 2))
-    signal = float(np.sum(reference[mask] ** 2))
-    if not math.isfinite(noise):
-        return -math.inf
-    if noise == 0.0:
-        return math.inf
-    if signal == 0.0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
-
-
-def _session(model) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    if isinstance(model, (str, os.PathLike)):
-        return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    with ort_model_source(model) as source:
-        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-
-
 def check_emitted(path: str | os.PathLike) -> ort.InferenceSession:
     """onnx.checker full check and an onnxruntime load of the written file; returns the session."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InternalError(f"the written model fails onnx.checker: {first}") from None
+        raise InternalError(f"the written model fails onnx.checker: {first_line(exc)}") from exc
     try:
-        return _session(path)
+        return runtime.session(path)
     except Exception as exc:
-        raise InternalError(f"onnxruntime cannot load the written model: {ort_message(exc)}") from None
+        raise InternalError(f"onnxruntime cannot load the written model: {ort_message(exc)}") from exc
 
 
-def measure_fidelity(float_model, int8_session: ort.InferenceSession, int8_model: onnx.ModelProto,
-                     sample: dict[str, np.ndarray], sample_name: str,
+def measure_fidelity(reference: Reference, int8_session: ort.InferenceSession, int8_model: onnx.ModelProto,
                      min_sqnr_db: float = DEFAULT_MIN_SQNR_DB) -> Fidelity:
-    """Run ``sample`` through both models.  Integer inputs/outputs made by the model
-    editor are quantized/dequantized with the parameters recorded in the metadata."""
-    from quantizer.model_editor.metadata import read_io
-
+    """Run the reference sample through the int8 model.  Integer inputs/outputs made by the
+    model editor are quantized/dequantized with the parameters recorded in the metadata.
+    A broken output (shape changed, non-finite values) raises InternalError."""
     io = read_io(int8_model)
-    float_session = _session(float_model)
-    reference = dict(zip([o.name for o in float_session.get_outputs()], float_session.run(None, sample)))
     feed = {}
     for spec in int8_session.get_inputs():
-        value = sample[spec.name]
+        value = reference.sample[spec.name]
         feed[spec.name] = io["input"][spec.name].quantize(value) if spec.name in io["input"] else value
     names = [o.name for o in int8_session.get_outputs()]
-    result = Fidelity(sample_name, min_sqnr_db=min_sqnr_db)
+    outputs = {}
     for name, value in zip(names, int8_session.run(None, feed)):
-        if name in io["output"]:
-            value = io["output"][name].dequantize(value)
-        ref = reference.get(name)
-        if ref is None or np.asarray(ref).dtype.kind != "f":
-            continue  # integer outputs (indices, shapes) are not a fidelity measure
-        result.sqnr_db[name] = sqnr_db(ref, value)
-    return result
-
-
-def first_sample(data, model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], str] | None:
-    """The first calibration sample of a folder (checked against the model's inputs)."""
-    from .dataset import calibration_files, input_specs, iter_folder
-
-    if data is None:
-        return None
-    folder = Path(data)
-    sample = next(iter_folder(folder, input_specs(model)), None)
-    return (sample, calibration_files(folder)[0].name) if sample is not None else None
+        outputs[name] = io["output"][name].dequantize(value) if name in io["output"] else value
+    sqnr, broken = compare_outputs(reference, outputs)
+    if broken:
+        raise InternalError(
+            f"the int8 model is broken: output '{broken[0].output}' has {broken[0].why} on calibration "
+            f"sample {reference.name}; nothing was written (a bug: rerun with debug output and report it)"
+        )
+    return Fidelity(reference.name, sqnr, min_sqnr_db)
 
 
 class WrittenModelCheck:
-    """The ``verify`` hook for save_model_atomic: validity always, fidelity when a sample
-    is given.  Keeps the Fidelity for the summary."""
+    """The ``verify`` hook for save_model_atomic: validity always, fidelity when a
+    reference (a sample and the float model's outputs on it) is given."""
 
-    def __init__(self, int8_model: onnx.ModelProto, float_model=None, sample=None,
+    def __init__(self, int8_model: onnx.ModelProto, reference: Reference | None = None,
                  min_sqnr_db: float = DEFAULT_MIN_SQNR_DB):
         self.int8_model = int8_model
-        self.float_model = float_model
-        self.sample = sample
+        self.reference = reference
         self.min_sqnr_db = min_sqnr_db
         self.fidelity: Fidelity | None = None
         self.error: str | None = None
 
     def __call__(self, path: Path) -> None:
         session = check_emitted(path)
-        if self.sample is None or self.float_model is None:
+        if self.reference is None:
             return
-        sample, name = self.sample
         try:
-            self.fidelity = measure_fidelity(self.float_model, session, self.int8_model, sample, name,
-                                             self.min_sqnr_db)
+            self.fidelity = measure_fidelity(self.reference, session, self.int8_model, self.min_sqnr_db)
+        except InternalError:
+            raise
         except Exception as exc:  # the model is valid; a failed measurement must not lose it
-            self.fidelity = Fidelity(name, {}, self.min_sqnr_db)
+            self.fidelity = Fidelity(self.reference.name, {}, self.min_sqnr_db)
             self.error = f"fidelity check skipped: {ort_message(exc)}"

@@ -1,6 +1,7 @@
 """CLI errors: one line, a documented exit code, no traceback, no output file."""
 
 import numpy as np
+import onnx
 import pytest
 from click.testing import CliRunner
 
@@ -109,8 +110,19 @@ def test_bad_percentile(out):
 
 
 def test_bad_input_shape_option(out):
-    r = invoke(SAMPLE_MODEL, "--data", SAMPLE_CALIB, "-o", out, "--input-shape", "input=1,1,8,8")
-    assert_one_line_error(r, USAGE, "--input-shape expects NAME:D1,D2")
+    r = invoke(SAMPLE_MODEL, "--data", SAMPLE_CALIB, "-o", out, "--input-shape", "input")
+    assert_one_line_error(r, USAGE, "--input-shape expects NAME=D1,D2")
+    r = invoke(SAMPLE_MODEL, "--data", SAMPLE_CALIB, "-o", out, "--input-shape", "input=1,x,8,8")
+    assert_one_line_error(r, USAGE, "--input-shape expects NAME=D1,D2")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("form", ["input=1,1,8,8", "input:1,1,8,8"])
+def test_input_shape_takes_name_equals_dims_like_every_option(out, form):
+    r = invoke(SAMPLE_MODEL, "--data", SAMPLE_CALIB, "-o", out, "--input-shape", form, "-q")
+    assert r.exit_code == 0, r.output
+    dims = [d.dim_value for d in onnx.load(out).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 1, 8, 8]
 
 
 def test_success_writes_summary_and_fixed_shape(out):

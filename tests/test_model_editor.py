@@ -351,7 +351,7 @@ def assert_one_line_error(result, code, text):
         (["--output-type", "logits=int8:1"], USAGE, "--output-type expects NAME=uint8|int8[:MIN,MAX]"),
         (["--output-type", "logits=int8:2,1"], USAGE, "MIN <= MAX"),
         (["--input-range", "input=0"], USAGE, "--input-range expects NAME=MIN,MAX"),
-        (["--exclude", "node_Conv_0", "--input-type", "input=uint8"], MODEL, "input 'input' has no QuantizeLinear"),
+        (["--exclude", "conv1", "--input-type", "input=uint8"], MODEL, "input 'input' has no QuantizeLinear"),
         (["--optimize-only", "--input-type", "input=uint8"], USAGE, "need quantization"),
     ],
 )

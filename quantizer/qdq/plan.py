@@ -13,7 +13,13 @@ from typing import Iterable
 import onnx_ir as ir
 
 from ..subgraphs import HAS_SUBGRAPHS, has_subgraphs
-from .rules import ABSORBED_ACTIVATIONS, CALIBRATED, RULES, SHARED, UNIT_INTERVAL, weight_axis
+from .rules import (
+    ABSORBED_ACTIVATIONS,
+    RULES,
+    SHARED,
+    UNIT_INTERVAL,
+    weight_axis,
+)
 
 UNIT_RANGE = (0.0, 1.0)
 

@@ -1,0 +1,76 @@
+"""`quantize [run] MODEL --calib METHOD --data DIR`: all three stages."""
+
+from __future__ import annotations
+
+import click
+from quantizer.model_editor.steps import check_io_names_step, edit_io_step
+
+from quantizer import pipeline
+from quantizer.calibration_state import load_ranges
+from quantizer.config import CalibrationInputs, Outputs, QuantizationConfig
+from quantizer.errors import UsageError
+
+from .. import options
+from ..app import cli, default_output, run_guarded
+from ..text import format_summary, warnings
+
+
+@cli.command("run", hidden=True)
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("--calib", "method", default="min_max_asym", show_default=True,
+              help="Calibration method: " + options.METHODS)
+@options.QUANTIZATION
+@click.option("--save-calibration", type=click.Path(), help="Save the calibration state (.npz) for reuse.")
+@click.option("--load-calibration", multiple=True, type=click.Path(),
+              help="Reuse saved calibration state(s) instead of (or on top of) --data; several are merged.")
+@click.option("--save-ranges", type=click.Path(), help="Write the activation ranges as JSON {tensor: [min, max]}.")
+@click.option("--ranges", "ranges_file", type=click.Path(), help="Use these JSON ranges; no calibration run.")
+@options.input_type
+@options.output_type
+@click.option("--input-range", "input_ranges", multiple=True, metavar="NAME=MIN,MAX",
+              help="Quantize input NAME with this range instead of the calibrated one, e.g. x=0,1 "
+                   "for images scaled by 1/255 (raw uint8 pixels then feed --input-type x=uint8).")
+@click.option("--optimize-only", is_flag=True, help="Write the stage-1 (optimized float) model only.")
+@options.report_samples
+@options.min_sqnr
+def run(model, method, data, output, percentage, activation_dtype, weight_range, exclude, no_protect, report,
+        quiet, input_shapes, debug, save_calibration, load_calibration, save_ranges, ranges_file, input_types,
+        output_types, input_ranges, optimize_only, report_samples, min_sqnr):
+    """Optimize, calibrate and quantize MODEL to int8 QDQ ONNX."""
+
+    def action():
+        shapes = options.parse_shapes(input_shapes)
+        in_types, out_types = options.parse_input_types(input_types), options.parse_output_types(output_types)
+        overrides = options.parse_input_ranges(input_ranges)
+        if optimize_only:
+            if in_types or out_types or overrides:
+                raise UsageError("--input-type, --output-type and --input-range need quantization, not --optimize-only")
+            from .optimize import write_stage1
+
+            write_stage1(model, output or default_output(model, "opt"), shapes, quiet)
+            return
+        if not (data or load_calibration or ranges_file):
+            raise UsageError("--data is required: a folder of .npy/.npz calibration samples "
+                             "(or --load-calibration STATE / --ranges JSON)")
+        options.check_percentile(percentage)
+        config = QuantizationConfig(
+            method=method, percentile=percentage, input_shapes=shapes, activation_dtype=activation_dtype,
+            weight_range=weight_range, exclude=exclude, protect=not no_protect,
+            report_samples=report_samples if report else 0, range_overrides=overrides,
+            show_progress=False if quiet else None,
+        )
+        out = output or default_output(model, "int8")
+        outputs = Outputs(model=out, report=report, save_ranges=save_ranges, save_calibration=save_calibration,
+                          min_sqnr_db=min_sqnr)
+        steps = pipeline.with_steps(pipeline.PIPELINE, "load", [check_io_names_step(in_types, overrides, out_types)])
+        if in_types or out_types:
+            steps = pipeline.with_steps(steps, "insert_qdq", [edit_io_step(in_types, out_types)])
+        ctx = pipeline.new_context(model, config, outputs=outputs, inputs=CalibrationInputs(
+            data, tuple(load_calibration), load_ranges(ranges_file) if ranges_file else None))
+        pipeline.run(ctx, steps)
+        if not quiet:
+            click.echo(format_summary(ctx.summary, out))
+        for warning in warnings(ctx.summary):
+            click.echo(warning, err=True)
+
+    run_guarded(debug, action)

@@ -1,0 +1,144 @@
+"""Options shared by several commands, defined once, and the parsers of their values.
+
+This module and ``text.py`` are the only places that know flag names: ``FLAGS`` maps the
+library's parameter names (backquoted in its messages) to the flags that set them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import click
+from quantizer.calibrators import CalibrationMethod
+
+from quantizer.config import DEFAULT_MIN_SQNR_DB, DEFAULT_PERCENTILE
+from quantizer.errors import UsageError
+from quantizer.report import DEFAULT_REPORT_SAMPLES
+
+FLAGS = {
+    "method": "--calib", "methods": "--calib", "percentile": "--percentile", "input_shapes": "--input-shape",
+    "activation_dtype": "--activation-dtype", "weight_range": "--weight-range", "exclude": "--exclude",
+    "protect=False": "--no-protect", "report_samples": "--report-samples", "range_overrides": "--input-range",
+    "min_sqnr_db": "--min-sqnr", "model": "-o", "report": "--report", "save_ranges": "--save-ranges",
+    "save_calibration": "--save-calibration", "max_trials": "--max-trials", "tolerable_loss": "--tolerable-loss",
+    "ranges": "--ranges", "load_calibration": "--load-calibration",
+    "input_types": "--input-type", "output_types": "--output-type",
+}
+
+
+def option_group(*options):
+    """A decorator applying ``options`` in the order listed (first = first in --help)."""
+    def apply(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return apply
+
+
+METHODS = ", ".join(m.value.lower() for m in CalibrationMethod)
+
+input_shape = click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
+                           help="Fix a dynamic input shape, e.g. x=1,3,224,224 (repeatable; NAME:D1,... also works).")
+debug = click.option("--debug", is_flag=True, help="Show tracebacks (with the original cause) and library logs.")
+quiet = click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary (warnings still go to stderr).")
+output = click.option("-o", "--output", type=click.Path(), help="Output model [default: MODEL_int8.onnx beside MODEL].")
+data = click.option("--data", "data", type=click.Path(),
+                    help="Folder of .npy (single input) or .npz (keyed by input name) samples.")
+percentile = click.option("--percentile", "percentage", default=DEFAULT_PERCENTILE, show_default=True, type=float,
+                          help="Percentile for the PERCENTILE methods.")
+activation_dtype = click.option("--activation-dtype", type=click.Choice(["int8", "uint8"]), default="int8",
+                                show_default=True, help="Activation type.")
+weight_range = click.option("--weight-range", type=click.Choice(["auto", "full", "reduced"]), default="auto",
+                            show_default=True,
+                            help="full: [-127,127]; reduced: [-63,63], exact on x86 without VNNI; auto picks for this CPU.")
+exclude = click.option("--exclude", multiple=True, metavar="NAME|OPTYPE|GLOB",
+                       help="Keep float the nodes whose name or op type matches (fnmatch glob; repeatable).")
+no_protect = click.option("--no-protect", is_flag=True,
+                          help="Do not keep float the nodes whose int8 scale would crush a tensor.")
+report = click.option("--report", type=click.Path(), help="Write the summary as JSON, with per-tensor SQNR.")
+report_samples = click.option("--report-samples", default=DEFAULT_REPORT_SAMPLES, show_default=True,
+                              type=click.IntRange(min=0), help="Calibration samples for the per-tensor SQNR.")
+min_sqnr = click.option("--min-sqnr", default=DEFAULT_MIN_SQNR_DB, show_default=True, type=float, metavar="DB",
+                        help="Warn (not fail) when an output of the written model has a lower SQNR (dB) vs the "
+                             "float model on the first calibration sample.")
+input_type = click.option("--input-type", "input_types", multiple=True, metavar="NAME=TYPE",
+                          help="Make input NAME uint8/int8: the caller feeds the quantized tensor "
+                               "(its QuantizeLinear removed) (repeatable).")
+output_type = click.option("--output-type", "output_types", multiple=True, metavar="NAME=TYPE[:MIN,MAX]",
+                           help="Make output NAME uint8/int8 (its DequantizeLinear removed); with MIN,MAX "
+                                "requantize it to that range first (repeatable).")
+
+# What `run` and `tune` both take.
+QUANTIZATION = option_group(data, output, percentile, activation_dtype, weight_range, exclude, no_protect,
+                            report, quiet, input_shape, debug)
+
+
+def parse_shapes(values: tuple[str, ...]) -> dict[str, list[int]]:
+    """NAME=D1,D2,... (or the older NAME:D1,D2,...) -> {name: dims}."""
+    shapes = {}
+    for text in values:
+        sep = "=" if "=" in text else ":"
+        name, found, dims = text.rpartition(sep)
+        try:
+            if not found or not name:
+                raise ValueError
+            shapes[name] = [int(d) for d in dims.split(",")]
+        except ValueError:
+            raise UsageError(f"--input-shape expects NAME=D1,D2,... (e.g. x=1,3,224,224), got {text!r}") from None
+    return shapes
+
+
+def _split_assignment(text: str, option: str, form: str) -> tuple[str, str]:
+    name, sep, value = text.rpartition("=")
+    if not sep or not name or not value:
+        raise UsageError(f"{option} expects {form}, got {text!r}")
+    return name, value
+
+
+def _parse_range(text: str, option: str, form: str, whole: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{option} expects {form}, got {whole!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+        raise UsageError(f"{option}: range must be finite with MIN <= MAX, got {whole!r}")
+    return low, high
+
+
+def _tensor_type(text: str, option: str, whole: str) -> str:
+    if text.lower() not in ("uint8", "int8"):
+        raise UsageError(f"{option} {whole}: unsupported type {text!r}; use uint8 or int8")
+    return text.lower()
+
+
+def parse_input_types(values: tuple[str, ...]) -> dict[str, str]:
+    types = {}
+    for text in values:
+        name, value = _split_assignment(text, "--input-type", "NAME=uint8|int8 (e.g. x=uint8)")
+        types[name] = _tensor_type(value, "--input-type", text)
+    return types
+
+
+def parse_output_types(values: tuple[str, ...]) -> dict[str, tuple[str, tuple[float, float] | None]]:
+    form = "NAME=uint8|int8[:MIN,MAX] (e.g. logits=int8 or logits=int8:-10,10)"
+    types = {}
+    for text in values:
+        name, value = _split_assignment(text, "--output-type", form)
+        dtype, sep, range_text = value.partition(":")
+        tensor_range = _parse_range(range_text, "--output-type", form, text) if sep else None
+        types[name] = (_tensor_type(dtype, "--output-type", text), tensor_range)
+    return types
+
+
+def parse_input_ranges(values: tuple[str, ...]) -> dict[str, tuple[float, float]]:
+    form = "NAME=MIN,MAX (e.g. x=0,1)"
+    ranges = {}
+    for text in values:
+        name, value = _split_assignment(text, "--input-range", form)
+        ranges[name] = _parse_range(value, "--input-range", form, text)
+    return ranges
+
+
+def check_percentile(percentage: float) -> None:
+    if not 0 < percentage <= 100:
+        raise UsageError(f"--percentile must be in (0, 100], got {percentage}")

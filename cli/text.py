@@ -1,0 +1,113 @@
+"""All terminal text: the summary, integer I/O parameters, the tensor report, and the
+mapping of the library's backquoted parameter names to this command line's flags."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .options import FLAGS
+
+_PARAMETER = re.compile(r"`([^`]+)`")
+
+
+def for_cli(text: str) -> str:
+    """A library message as the CLI user reads it: `exclude` -> --exclude."""
+    return _PARAMETER.sub(lambda m: FLAGS.get(m.group(1), m.group(1)), text)
+
+
+def one_line(text: str) -> str:
+    """Never more than one line: control characters from names are escaped."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def warnings(summary) -> list[str]:
+    """The summary's warnings, for stderr (they are notes of the summary too)."""
+    return [one_line(for_cli(note)) for note in summary.get("notes", []) if note.startswith("warning: ")]
+
+
+def format_io(edited) -> list[str]:
+    if not edited:
+        return []
+    lines = ["integer inputs/outputs (real = scale * (q - zero_point); also in the model metadata):"]
+    for io in edited:
+        lines.append(f"  {io['kind']} '{io['name']}': {io['dtype']}, scale {io['scale']:.9g}, "
+                     f"zero point {io['zero_point']}")
+    return lines
+
+
+def _names(names: list[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (f", ... (+{len(names) - shown})" if len(names) > shown else "")
+
+
+def format_summary(summary, output: Path | None, rows: int = 10) -> str:
+    nodes = summary["nodes"]
+    by_op = ", ".join(f"{op} {n}" for op, n in nodes["quantized_by_op"].items())
+    lines = [f"wrote {output}"] if output is not None else []
+    lines.append(f"nodes: {nodes['original']} original, {nodes['optimized']} after optimization, "
+                 f"{nodes['quantized']} quantized ({by_op})")
+    if nodes.get("quantized_names"):
+        lines.append(f"  quantized (names as --exclude matches them): {_names(nodes['quantized_names'], 8)}")
+    if nodes["activations_folded_into_q"]:
+        lines.append(f"  {nodes['activations_folded_into_q']} Relu/Clip folded into the following quantize")
+    reasons: dict[str, list[str]] = {}
+    for entry in nodes["float"]:
+        reasons.setdefault(entry["reason"], []).append(entry["node"])
+    if reasons:
+        lines.append(f"left float: {len(nodes['float'])} nodes")
+        for reason, names in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
+            lines.append(f"  {len(names):4d} x {for_cli(reason)}: {_names(names)}")
+    size = summary["size_bytes"]
+    lines.append(f"size: {size['before'] / 1e6:.2f} MB -> {size['after'] / 1e6:.2f} MB")
+    calib = summary.get("calibration")
+    if calib:
+        lines.append(f"calibration: {calib['method'].lower()} over {calib['samples']} samples, "
+                     f"{calib['tensors']} tensors")
+        for name, (low, high) in calib.get("overridden", {}).items():
+            lines.append(f"  range of '{name}' set to [{low:g}, {high:g}] (--input-range)")
+        for name, count in calib["nonfinite_values"].items():
+            lines.append(f"  warning: {count} NaN/Inf values in '{name}' were ignored")
+    lines.append(f"weights: int8 {summary['weight_range']} range; activations: {summary['activation_dtype']}")
+    lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in summary["seconds"].items()))
+    lines.extend(f"note: {for_cli(note)}" for note in summary.get("notes", []))
+    lines.extend(format_io(summary.get("io", [])))
+    lines.extend(report_lines(summary, rows))
+    return "\n".join(lines)
+
+
+def report_lines(summary, rows: int = 10) -> list[str]:
+    """Terminal lines for the protected nodes and the worst tensors of ``summary``."""
+    lines = []
+    protected = summary.get("protected") or []
+    if protected:
+        lines.append(f"protected (kept float, --no-protect to disable): {len(protected)} nodes")
+        lines.extend(f"  {p['node']}: {for_cli(p['reason'])}" for p in protected)
+    tensors = summary.get("tensors")
+    if not tensors:
+        return lines
+    samples = summary.get("report_samples", 0)
+    shown = tensors[:rows]
+    more = f"; all {len(tensors)} in the JSON report" if len(tensors) > len(shown) else ""
+    if samples:
+        lines.append(f"per-tensor SQNR, int8 vs float on {samples} samples (worst first{more}):")
+    else:
+        lines.append(f"per-tensor parameters (no samples for SQNR{more}):")
+    lines.append(f"  {'SQNR dB':>8}  {'scale':>10}  {'zp':>4}  {'range':<23} tensor (node)")
+    for entry in shown:
+        db = entry["sqnr_db"]
+        if db is not None:
+            db_text = f"{db:8.1f}"
+        else:  # not measured, exact, or an all-zero float tensor that the int8 model got wrong
+            db_text = {None: "-", 0.0: "exact"}.get(entry["mse"], "-inf").rjust(8)
+        low, high = entry["range"] or entry["grid"]
+        where = f" ({entry['node']})" if entry["node"] else " (input)"
+        lines.append(f"  {db_text}  {entry['scale']:10.4g}  {entry['zero_point']:4d}  "
+                     f"{f'[{low:.4g}, {high:.4g}]':<23} {entry['tensor']}{where}")
+    return lines
+
+
+def format_trial(trial, max_trials: int) -> str:
+    loss = f", loss {trial.loss:.2%}" if trial.loss is not None else ""
+    kept = f", float: {', '.join(trial.excluded)}" if trial.excluded else ""
+    return (f"trial {trial.number}/{max_trials}: {trial.method.lower()}{kept}: metric "
+            f"{trial.metric:.6g}{loss} -> {'pass' if trial.passed else 'fail'}")

@@ -1,0 +1,182 @@
+"""What the user asks for, as typed configuration.
+
+``QuantizationConfig`` is built once (by ``quantize_model``, ``autotune`` or the CLI) and
+handed to the pipeline; every step reads its choices from it.  Construction validates
+every field, so a bad value fails before any model is read, with a message that names the
+parameter (the CLI maps parameter names to its flags).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from quantizer.calibrators import CalibrationMethod, range_function
+
+from .errors import UsageError, calibrator_errors
+from .qdq.params import ACTIVATION_DTYPES, WEIGHT_QMAX
+
+DEFAULT_PERCENTILE = 99.99
+DEFAULT_MIN_SQNR_DB = 10.0
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Nodes to keep float: names, op types or fnmatch globs (``conv1``, ``Softmax``,
+    ``head/*``), matched against the stage-1 model's node names."""
+
+    patterns: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, value: "Scope | str | Iterable[str] | None") -> "Scope":
+        if isinstance(value, Scope):
+            return value
+        if value is None:
+            return cls()
+        items = [value] if isinstance(value, str) else list(value)
+        if not all(isinstance(p, str) for p in items):
+            raise UsageError(f"`exclude` takes node names, op types or globs (strings), got {items!r}")
+        return cls(tuple(dict.fromkeys(items)))
+
+
+def _range_pair(name: str, pair, what: str) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in pair)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{what} for '{name}' must be two numbers (min, max), got {pair!r}") from exc
+    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+        raise UsageError(f"{what} for '{name}' must be finite with min <= max, got ({low}, {high})")
+    return low, high
+
+
+def _shapes(value: Mapping[str, Sequence[int]] | None) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for name, dims in (value or {}).items():
+        try:
+            shape = tuple(int(d) for d in dims)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"`input_shapes` for '{name}' must be integers, got {dims!r}") from exc
+        if any(d <= 0 for d in shape):
+            raise UsageError(f"`input_shapes` for '{name}' must be positive integers: {list(shape)}")
+        shapes[name] = shape
+    return shapes
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """Every choice of a quantization run.
+
+    method: calibration method (one of the ten names, any case).
+    percentile: for the PERCENTILE methods, in (0, 100].
+    input_shapes: fixed shapes for dynamic inputs, ``{"x": (1, 3, 224, 224)}``.
+    activation_dtype: "int8" or "uint8".
+    weight_range: "full", "reduced" or "auto" (picks for this CPU).
+    exclude: nodes kept float (a Scope, or names/op types/globs).
+    protect: keep float the nodes whose int8 scale would crush a tensor.
+    report_samples: samples for the per-tensor SQNR report (0: no report).
+    range_overrides: ``{tensor: (min, max)}`` replacing calibrated ranges.
+    show_progress: progress bar on stderr (None: when stderr is a terminal).
+    """
+
+    method: CalibrationMethod = CalibrationMethod.MIN_MAX_ASYM
+    percentile: float = DEFAULT_PERCENTILE
+    input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    activation_dtype: str = "int8"
+    weight_range: str = "auto"
+    exclude: Scope = Scope()
+    protect: bool = True
+    report_samples: int = 0
+    range_overrides: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    show_progress: bool | None = None
+
+    def __post_init__(self):
+        set_ = object.__setattr__  # frozen: normalize once, here
+        with calibrator_errors():
+            set_(self, "method", CalibrationMethod.parse(self.method))
+            range_function(self.method)  # an unimplemented method fails before any work
+        try:
+            percentile = float(self.percentile)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"`percentile` must be a number in (0, 100], got {self.percentile!r}") from exc
+        if not 0 < percentile <= 100:
+            raise UsageError(f"`percentile` must be in (0, 100], got {self.percentile}")
+        set_(self, "percentile", percentile)
+        set_(self, "input_shapes", _shapes(self.input_shapes))
+        if self.activation_dtype not in ACTIVATION_DTYPES:
+            raise UsageError(f"`activation_dtype` must be one of {', '.join(ACTIVATION_DTYPES)}, "
+                             f"got {self.activation_dtype!r}")
+        if self.weight_range not in (*WEIGHT_QMAX, "auto"):
+            raise UsageError(f"`weight_range` must be full, reduced or auto, got {self.weight_range!r}")
+        set_(self, "exclude", Scope.of(self.exclude))
+        if not isinstance(self.report_samples, int) or self.report_samples < 0:
+            raise UsageError(f"`report_samples` must be an integer >= 0, got {self.report_samples!r}")
+        set_(self, "range_overrides", {n: _range_pair(n, r, "`range_overrides`")
+                                       for n, r in (self.range_overrides or {}).items()})
+
+    def with_(self, **changes: Any) -> "QuantizationConfig":
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> "QuantizationConfig":
+        """Build from keyword arguments, ignoring the ones that are None."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(kwargs) - names
+        if unknown:
+            raise UsageError(f"unknown configuration field(s): {', '.join(sorted(unknown))}")
+        return cls(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+PathLike = "str | os.PathLike"
+
+
+@dataclass(frozen=True)
+class CalibrationInputs:
+    """Where the statistics come from: samples (a folder or an iterable), saved states
+    to merge, or ranges given directly (no calibration run)."""
+
+    data: Any = None
+    states: tuple = ()
+    ranges: Mapping[str, Sequence[float]] | None = None
+
+    def __post_init__(self):
+        states = self.states
+        if isinstance(states, (str, os.PathLike)):
+            states = (states,)
+        object.__setattr__(self, "states", tuple(states or ()))
+
+
+_FILES = ("model", "report", "save_ranges", "save_calibration")
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Files a run writes; every one is written atomically, and none may be another's
+    file or the input model's (checked before any work)."""
+
+    model: Path | None = None
+    report: Path | None = None
+    save_ranges: Path | None = None
+    save_calibration: Path | None = None
+    min_sqnr_db: float = DEFAULT_MIN_SQNR_DB
+
+    def __post_init__(self):
+        for f in _FILES:
+            value = getattr(self, f)
+            if value is not None:
+                object.__setattr__(self, f, Path(value))
+        try:
+            floor = float(self.min_sqnr_db)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"`min_sqnr_db` must be a number, got {self.min_sqnr_db!r}") from exc
+        if math.isnan(floor):
+            raise UsageError("`min_sqnr_db` must be a number, got nan")
+        object.__setattr__(self, "min_sqnr_db", floor)
+
+    def files(self) -> dict[str, Path]:
+        """{parameter name: path} of the files this run writes."""
+        return {f: getattr(self, f) for f in _FILES
+                if getattr(self, f) is not None}

@@ -1,0 +1,45 @@
+"""The one place that builds onnxruntime sessions.
+
+Every session is CPU-only and silent (errors reach the user as one line of ours, not as
+onnxruntime's log), takes a path or a ModelProto (models over 2 GB through a temporary
+copy with external data), and can expose intermediate tensors as extra outputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import onnx
+import onnxruntime as ort
+
+from .model_io import ort_model_source
+
+PROVIDERS = ["CPUExecutionProvider"]
+
+
+def with_extra_outputs(model: onnx.ModelProto, tensors) -> onnx.ModelProto:
+    """A copy of the model whose outputs also expose the given intermediate tensors."""
+    observed = onnx.ModelProto()
+    observed.CopyFrom(model)
+    existing = {o.name for o in observed.graph.output}
+    for name in tensors:
+        if name not in existing:
+            observed.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return observed
+
+
+def session(model, *, extra_outputs=(), optimize: bool = True) -> ort.InferenceSession:
+    """A session for ``model`` (path or ModelProto).  ``optimize=False`` runs the graph
+    as written (every Q/DQ tensor exists; no constant folding by onnxruntime)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if isinstance(model, (str, os.PathLike)) and not extra_outputs:
+        return ort.InferenceSession(str(model), options, providers=PROVIDERS)
+    if isinstance(model, (str, os.PathLike)):
+        model = onnx.load(str(model))
+    if extra_outputs:
+        model = with_extra_outputs(model, list(extra_outputs))
+    with ort_model_source(model) as source:
+        return ort.InferenceSession(source, options, providers=PROVIDERS)
