@@ -21,7 +21,7 @@ import onnx
 
 from . import pipeline
 from .config import CalibrationInputs, Outputs, QuantizationConfig
-from .errors import UsageError
+from .errors import UsageError, first_line
 from .pipeline import QuantizationResult
 from .report import DEFAULT_REPORT_SAMPLES, report_summary
 
@@ -204,7 +204,10 @@ def script_evaluator(script: str | Path) -> Callable[[onnx.ModelProto], float]:
             onnx.save(model, str(model_path))
             try:
                 return evaluate(str(model_path))
+            except SystemExit as exc:  # a script's sys.exit() must not end the run silently
+                raise UsageError(f"{path.name}: evaluate() called sys.exit({exc.code!r}); it must return "
+                                 "a number") from exc
             except Exception as exc:
-                raise UsageError(f"{path.name}: evaluate() failed: {type(exc).__name__}: {exc}") from exc
+                raise UsageError(f"{path.name}: evaluate() failed: {type(exc).__name__}: {first_line(exc)}") from exc
 
     return eval_fn

@@ -35,6 +35,19 @@ def refuse_quantized(model: onnx.ModelProto) -> None:
         )
 
 
+def refuse_ambiguous_names(model: onnx.ModelProto) -> None:
+    """Duplicate initializer or graph-input names make the graph ambiguous (onnx.checker
+    rejects them; onnxruntime picks one silently): a model error, before any work."""
+    for what, names in (("initializer", [i.name for i in model.graph.initializer]),
+                        ("graph input", [i.name for i in model.graph.input])):
+        counts = collections.Counter(names)
+        twice = sorted(name for name, n in counts.items() if n > 1)
+        if twice:
+            shown = ", ".join(repr(n) for n in twice[:3]) + (f" (+{len(twice) - 3})" if len(twice) > 3 else "")
+            raise ModelError(f"the input model is not valid ONNX: {what} name(s) {shown} defined more than "
+                             "once; fix the export")
+
+
 def converter_failure(model: onnx.ModelProto, version: int, target: int, exc: Exception) -> ModelError:
     """A readable ModelError for a failed opset conversion (the C++ messages are raw)."""
     unknown = sorted({

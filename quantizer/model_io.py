@@ -63,7 +63,7 @@ def _same_file(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:
-        return a.resolve() == b.resolve()
+        return a.resolve() == b.resolve()  # a symlink loop raises RuntimeError (caught by the caller)
 
 
 def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike | None = None,
@@ -84,8 +84,9 @@ def check_output_path(output: str | os.PathLike, input_path: str | os.PathLike |
         if out.exists() and not out.is_file():
             raise UsageError(f"{what} {_quoted(out)} exists and is not a regular file (a device, FIFO or "
                              "socket); refusing to replace it: choose a file path")
-    except OSError as exc:  # a symlink loop, a name too long for the file system, ...
-        raise UsageError(f"{what} {_quoted(out)} cannot be used: {exc.strerror or exc}") from exc
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long for the file system, ...
+        reason = getattr(exc, "strerror", None) or first_line(exc)
+        raise UsageError(f"{what} {_quoted(out)} cannot be used: {reason}") from exc
     return out
 
 

@@ -215,7 +215,10 @@ def _forget_declared_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
     del copy.graph.value_info[:]
+    contract = {i.name for i in copy.graph.input} | {i.name for i in copy.graph.initializer}
     for output in copy.graph.output:
+        if output.name in contract:
+            continue  # an input passed through: its shape is the input's
         if output.type.HasField("tensor_type") and output.type.tensor_type.HasField("shape"):
             for dim in output.type.tensor_type.shape.dim:
                 if dim.HasField("dim_value"):  # a number is a claim folding would trust;

@@ -1,6 +1,6 @@
 """The pipeline: one declared list of steps over one context.
 
-    load -> refuse_quantized -> check_outputs -> optimize -> resolve_scope -> check_stage1
+    load -> refuse_quantized -> check_outputs -> check_names -> optimize -> resolve_scope -> check_stage1
     -> prepare_calibration -> verify_stage1 -> collect -> save_calibration
     -> compute_ranges -> protect -> insert_qdq
     -> tensor_report -> save_ranges -> write_model -> summarize -> write_report -> commit
@@ -25,7 +25,13 @@ import onnx_ir as ir
 from . import runtime
 from .calibrate import Calibrator
 from .calibration_state import save_ranges as write_ranges_file
-from .checks import check_stage1, nothing_to_quantize, ort_message, refuse_quantized
+from .checks import (
+    check_stage1,
+    nothing_to_quantize,
+    ort_message,
+    refuse_ambiguous_names,
+    refuse_quantized,
+)
 from .config import CalibrationInputs, Outputs, QuantizationConfig
 from .context import Context, Written
 from .dataset import DataSource, input_specs
@@ -82,6 +88,10 @@ def _load(ctx: Context) -> str:
 
 def _refuse_quantized(ctx: Context) -> None:
     refuse_quantized(ctx.original)
+
+
+def _check_names(ctx: Context) -> None:
+    refuse_ambiguous_names(ctx.original)
 
 
 def _check_outputs(ctx: Context) -> None:
@@ -307,6 +317,7 @@ PREPARE = (
     Step("load", "optimize", _load),
     Step("refuse_quantized", "optimize", _refuse_quantized),
     Step("check_outputs", "optimize", _check_outputs, lambda ctx: bool(ctx.outputs.files())),
+    Step("check_names", "optimize", _check_names),
     *STAGE1,
     PREPARE_CALIBRATION,
     Step("verify_stage1", "calibrate", _verify_stage1, lambda ctx: ctx.data.source is not None),

@@ -119,8 +119,14 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, ranges: Mapping[str, tuple[floa
         q_out = ir.Value(name=writer.names(f"{name}_quantized"),
                          type=ir.TensorType(ir.DataType.from_numpy(p.zero_point.dtype)), shape=value.shape)
         dq_out = ir.Value(name=writer.names(f"{name}_dequantized"), type=value.type, shape=value.shape)
-        was_output = value.is_graph_output()
-        value.replace_all_uses_with(dq_out, replace_graph_outputs=True)
+        # A graph output keeps its name, on the dequantized value -- unless it is also a
+        # graph input: input names are a contract, so that output stays the float input.
+        was_output = value.is_graph_output() and not value.is_graph_input()
+        if was_output or not value.is_graph_output():
+            value.replace_all_uses_with(dq_out, replace_graph_outputs=was_output)
+        else:
+            for user, index in list(value.uses()):
+                user.replace_input_with(index, dq_out)
         if was_output:  # keep the graph output's name on the dequantized value
             original = value.name
             value.name = writer.names(f"{original}_float")
