@@ -116,7 +116,7 @@ class Fidelity:
         return (
             f"output '{name}' of the int8 model has SQNR {value:.1f} dB on calibration sample {self.sample}, "
             f"below `min_sqnr_db` {self.min_sqnr_db:g} dB{more}; it may be inaccurate: try another "
-            "calibration `method` or `exclude` the sensitive nodes"
+            "`method` or `exclude` the sensitive nodes"
         )
 
     def as_dict(self) -> dict:
