@@ -164,7 +164,7 @@ def _quantize_child(model_path, calib_dir, dtype, out_path, queue):
         onnx.save(result.model, str(out_path))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
         queue.put({"ok": True, "seconds": seconds, "peak_rss": peak, "rss_before": rss_before,
-                   "summary": result.summary})
+                   "summary": result.summary.as_dict()})
     except BaseException:
         queue.put({"ok": False, "error": traceback.format_exc()})
 

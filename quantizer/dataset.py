@@ -3,6 +3,10 @@ against the model's inputs (name, dtype, rank, fixed dims) one sample at a time.
 
 from __future__ import annotations
 
+import math
+import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
@@ -12,6 +16,11 @@ import onnx
 from onnx import helper
 
 from .errors import CalibrationDataError, UsageError, first_line
+
+try:  # .npy version 3.0 (utf-8 header): numpy has no public reader for its header alone
+    from numpy.lib._format_impl import _read_array_header as _read_header_any_version
+except ImportError:  # numpy < 2
+    _read_header_any_version = getattr(np.lib.format, "_read_array_header", None)
 
 Sample = dict[str, np.ndarray]
 
@@ -60,6 +69,7 @@ def check_sample(sample: Mapping[str, np.ndarray], specs: list[InputSpec], where
     checked: Sample = {}
     for spec in specs:
         array = np.asarray(sample[spec.name])
+        array = _as_loaded(array, spec, where)  # native byte order; numpy strings for string inputs
         given = f"{array.dtype.name}[{','.join(map(str, array.shape))}]"
         if array.dtype != spec.dtype:
             raise CalibrationDataError(
@@ -132,8 +142,200 @@ def count_samples(dataset) -> int | None:
         return None
 
 
+# One calibration array (one input of one sample) may declare at most this many bytes.
+# Each file's .npy headers are read and checked against the model's inputs and this
+# limit before any data is read, so a small .npz that inflates to gigabytes, or a header
+# that lies about its size, is refused without allocating the array.
+MAX_SAMPLE_BYTES = 2**31
+
+_PLAIN_ARRAYS = "not a {kind} file of plain arrays (save them with np.save / np.savez)"
+
+
+class NotPlainArrays(ValueError):
+    """Not .npy data numpy can read without unpickling (never suggest allow_pickle);
+    ``entry`` names the .npz entry at fault (None: the file itself)."""
+
+    def __init__(self, message: str, entry: str | None = None):
+        super().__init__(message)
+        self.entry = entry
+
+
+class CorruptArchive(ValueError):
+    """An .npz whose zip entries contradict themselves or their .npy headers."""
+
+
+@dataclass(frozen=True)
+class ArrayHeader:
+    """What a .npy header declares: the data that follows is ``nbytes`` long."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+    data_offset: int  # header length: the data starts here
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+
+def read_npy_header(handle) -> ArrayHeader:
+    """Read a .npy header from ``handle`` (at its start) and nothing more.
+
+    Raises NotPlainArrays for anything but a well-formed header of a plain (pickle-free)
+    array; numpy's own texts are not passed on (some of them advise allow_pickle)."""
+    start = handle.tell()
+    try:
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
+        elif version == (3, 0) and _read_header_any_version is not None:
+            shape, fortran_order, dtype = _read_header_any_version(handle, version)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
+    except (OSError, zipfile.BadZipFile, zlib.error):  # the file or archive, not the header: said as such
+        raise
+    except Exception as exc:
+        raise NotPlainArrays(_PLAIN_ARRAYS.format(kind=".npy")) from exc
+    if dtype.hasobject or not all(type(d) is int and d >= 0 for d in shape):  # pickled, or no shape
+        raise NotPlainArrays(_PLAIN_ARRAYS.format(kind=".npy"))
+    return ArrayHeader(tuple(shape), dtype, bool(fortran_order), handle.tell() - start)
+
+
+class NpzReader:
+    """An .npz archive read member by member: ``header(key)`` reads only that member's
+    .npy header; ``read(key)`` first checks that the zip entry's uncompressed size is
+    exactly the header plus the data it declares (else the file is corrupt), so the data
+    read is never more than what the header (already checked by the caller) declares."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self._zip = zipfile.ZipFile(self.path)
+        except zipfile.BadZipFile as exc:
+            raise NotPlainArrays(_PLAIN_ARRAYS.format(kind=".npz")) from exc
+        self._members: dict[str, zipfile.ZipInfo] = {}
+        self._headers: dict[str, ArrayHeader] = {}
+        for info in self._zip.infolist():
+            key = info.filename.removesuffix(".npy")
+            if key in self._members:
+                self._zip.close()
+                raise CorruptArchive(f"corrupt .npz file (entry {info.filename!r} appears twice)")
+            self._members[key] = info
+
+    def __enter__(self) -> NpzReader:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._zip.close()
+
+    def keys(self) -> list[str]:
+        return list(self._members)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._members
+
+    def header(self, key: str) -> ArrayHeader:
+        if key not in self._headers:
+            info = self._members[key]
+            with self._zip.open(info) as member:
+                try:
+                    self._headers[key] = read_npy_header(member)
+                except NotPlainArrays as exc:
+                    raise NotPlainArrays(f"entry {info.filename!r} is {exc}", entry=info.filename) from exc
+        return self._headers[key]
+
+    def read(self, key: str) -> np.ndarray:
+        info, header = self._members[key], self.header(key)
+        if info.file_size != header.data_offset + header.nbytes:
+            raise CorruptArchive(
+                f"corrupt .npz file (entry {info.filename!r} declares {header.nbytes} bytes of data, "
+                f"its zip entry holds {info.file_size - header.data_offset})"
+            )
+        with self._zip.open(info) as member:
+            return np.lib.format.read_array(member, allow_pickle=False)
+
+
+def _describe_bytes(n: int) -> str:
+    return f"{n >> 30} GiB" if n >= 2**30 and n % 2**30 == 0 else f"{n} bytes"
+
+
+def _loaded_dtype(dtype: np.dtype, spec: InputSpec | None) -> np.dtype:
+    """The dtype an array with this header is given to the model as: numpy strings for
+    string inputs (dtype object) become object arrays, any byte order becomes native."""
+    if spec is not None and spec.dtype == object and dtype.kind in "US":
+        return np.dtype(object)
+    return dtype.newbyteorder("=")
+
+
+def _as_loaded(array: np.ndarray, spec: InputSpec, where: str) -> np.ndarray:
+    target = _loaded_dtype(array.dtype, spec)
+    if array.dtype == target:
+        return array
+    if target == object and array.dtype.kind == "S":  # onnxruntime would read bytes objects as their repr
+        try:
+            array = np.char.decode(array, "utf-8")
+        except UnicodeDecodeError as exc:
+            raise CalibrationDataError(
+                f"{where}: input '{spec.name}' holds bytes that are not UTF-8 (string inputs take text)"
+            ) from exc
+    return array.astype(target)
+
+
+def _check_declared(headers: dict[str, ArrayHeader], specs: list[InputSpec], where: str) -> None:
+    """check_sample on what the headers declare, through stand-in arrays of the declared
+    dtype and shape (broadcast from one element: they allocate nothing), then the size
+    limit; all before any data is read."""
+    by_name = {s.name: s for s in specs}
+    loaded = {key: _loaded_dtype(h.dtype, by_name.get(key)) for key, h in headers.items()}
+    # In memory an element takes at least its loaded size (8 bytes for a Python string).
+    costs = {key: h.size * max(h.dtype.itemsize, loaded[key].itemsize, 1) for key, h in headers.items()}
+    if all(cost < 2**62 for cost in costs.values()):  # else no stand-in: the limit below says it
+        stand_ins = {key: np.broadcast_to(np.empty((), loaded[key]), h.shape) for key, h in headers.items()}
+        check_sample(stand_ins, specs, where)
+    for key, header in headers.items():
+        if costs[key] > MAX_SAMPLE_BYTES:
+            raise CalibrationDataError(
+                f"{where}: input '{key}' declares shape {header.shape} of {header.dtype.name} = {costs[key]} "
+                f"bytes, over the {_describe_bytes(MAX_SAMPLE_BYTES)} limit for one calibration array"
+            )
+
+
+def _read_npy(path: Path, spec: InputSpec) -> Sample:
+    with open(path, "rb") as handle:
+        header = read_npy_header(handle)
+        _check_declared({spec.name: header}, [spec], path.name)
+        held = os.fstat(handle.fileno()).st_size - header.data_offset
+        if held < header.nbytes:  # np.fromfile would allocate the whole array first
+            raise CalibrationDataError(
+                f"cannot read calibration file {path.name}: truncated (its header declares {header.nbytes} "
+                f"bytes of data, the file holds {held})"
+            )
+        handle.seek(0)
+        array = np.lib.format.read_array(handle, allow_pickle=False)
+    return {spec.name: _as_loaded(array, spec, path.name)}
+
+
+def _read_npz(path: Path, specs: list[InputSpec]) -> Sample:
+    by_name = {s.name: s for s in specs}
+    with NpzReader(path) as archive:
+        keys = archive.keys()
+        if set(keys) != set(by_name):  # missing/unknown inputs: said before any header is read
+            check_sample(dict.fromkeys(keys), specs, path.name)
+        _check_declared({key: archive.header(key) for key in keys}, specs, path.name)
+        return {key: _as_loaded(archive.read(key), by_name[key], path.name) for key in keys}
+
+
 def iter_folder(folder: Path, specs: list[InputSpec]) -> Iterator[Sample]:
-    """.npy files for single-input models, .npz files keyed by input name otherwise."""
+    """.npy files for single-input models, .npz files keyed by input name otherwise.
+
+    Each file's headers are checked against ``specs`` and MAX_SAMPLE_BYTES before its data
+    is read; numpy strings for string inputs and non-native byte orders are converted."""
     for path in calibration_files(folder):
         try:
             if path.suffix == ".npy":
@@ -142,16 +344,15 @@ def iter_folder(folder: Path, specs: list[InputSpec]) -> Iterator[Sample]:
                         f"{path.name}: .npy files fit single-input models only; use .npz keyed by "
                         f"input name ({', '.join(s.name for s in specs)})"
                     )
-                sample = {specs[0].name: np.load(path, allow_pickle=False)}
+                sample = _read_npy(path, specs[0])
             else:
-                with np.load(path, allow_pickle=False) as archive:
-                    sample = {key: archive[key] for key in archive.files}
+                sample = _read_npz(path, specs)
         except CalibrationDataError:
             raise
         except Exception as exc:
             text = first_line(exc)
             if "pickle" in text:  # numpy's advice to unpickle is wrong for garbage and unsafe
-                text = f"not a {path.suffix} file of plain arrays (save them with np.save / np.savez)"
+                text = _PLAIN_ARRAYS.format(kind=path.suffix)
             raise CalibrationDataError(f"cannot read calibration file {path.name}: {text}") from exc
         yield check_sample(sample, specs, path.name)
 
