@@ -27,6 +27,7 @@ from quantizer.errors import ModelError, UsageError
 from quantizer.model_io import load_model
 from quantizer.naming import UniqueNames
 from quantizer.qdq.params import activation_params
+from quantizer.subgraphs import iter_graphs
 
 from .metadata import QuantizedIO, write_io
 
@@ -64,14 +65,8 @@ def get_output_names(model: onnx.ModelProto) -> list[str]:
 
 def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     """Every node, including those of If/Loop/Scan bodies (which may read outer names)."""
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _all_nodes(sub)
+    for sub in iter_graphs(graph):
+        yield from sub.node
 
 
 def _uses(graph: onnx.GraphProto, name: str, skip: onnx.NodeProto | None = None) -> list[tuple[onnx.NodeProto, int]]:

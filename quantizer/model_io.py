@@ -209,16 +209,14 @@ def external_data_path(output: str | os.PathLike) -> Path:
 
 def _all_tensors(graph: onnx.GraphProto):
     """Initializers and Constant values of a graph and of all its subgraphs."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            elif attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_tensors(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _all_tensors(sub)
+    from .subgraphs import iter_graphs
+
+    for sub in iter_graphs(graph):
+        yield from sub.initializer
+        for node in sub.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
 
 
 @contextlib.contextmanager

@@ -18,18 +18,22 @@ def has_subgraphs(node: ir.Node) -> bool:
     )
 
 
+def iter_graphs(graph: onnx.GraphProto):
+    """``graph`` and every If/Loop/Scan body inside it, at any depth (the one walker of
+    protobuf graphs; onnx-ir models use ``graph.subgraphs()``)."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from iter_graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from iter_graphs(sub)
+
+
 def count_subgraph_nodes(model: onnx.ModelProto) -> int:
     """Nodes inside If/Loop/Scan bodies at any depth (they all stay float)."""
-
-    def inner(graph: onnx.GraphProto) -> int:
-        total = 0
-        for node in graph.node:
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-                    total += len(sub.node) + inner(sub)
-        return total
-
-    return inner(model.graph)
+    return sum(len(graph.node) for graph in iter_graphs(model.graph)) - len(model.graph.node)
 
 
 def repair_subgraph_outputs(model: ir.Model) -> int:
