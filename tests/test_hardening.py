@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from conftest import SAMPLE_CALIB, SAMPLE_MODEL, sqnr_db
 from onnx import TensorProto, helper
 from quantizer.cli.main import cli, main
+from test_reliability import SLOW_CLI  # a CLI process that calibrates slowly
 
 from quantizer import ModelError, UsageError, quantize_model
 from quantizer import pipeline as pipeline_module
@@ -201,25 +202,6 @@ def test_a_symlink_loop_as_output_is_a_usage_error(tmp_path):
     r = invoke(SAMPLE_MODEL, "--data", SAMPLE_CALIB, "-o", loop)
     assert r.exit_code == USAGE and "Traceback" not in r.output, r.output
     assert os.path.islink(loop)
-
-
-SLOW_CLI = """
-import sys, time
-import quantizer.dataset as dataset
-original = dataset.iter_folder
-
-def slow(folder, specs):
-    for index, sample in enumerate(original(folder, specs)):
-        if index == 1:
-            print("CALIBRATING", file=sys.stderr, flush=True)
-        time.sleep(0.05)
-        yield sample
-
-dataset.iter_folder = slow
-from quantizer.cli.main import main
-sys.argv = ["quantize", *sys.argv[1:]]
-main()
-"""
 
 
 def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
