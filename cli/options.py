@@ -137,8 +137,3 @@ def parse_input_ranges(values: tuple[str, ...]) -> dict[str, tuple[float, float]
         name, value = _split_assignment(text, "--input-range", form)
         ranges[name] = _parse_range(value, "--input-range", form, text)
     return ranges
-
-
-def check_percentile(percentage: float) -> None:
-    if not 0 < percentage <= 100:
-        raise UsageError(f"--percentile must be in (0, 100], got {percentage}")

@@ -7,6 +7,8 @@ The quantizer never imports this module: its callers add the steps to the pipeli
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import onnx
 
 from quantizer.errors import InternalError, UsageError, first_line
@@ -15,8 +17,8 @@ from quantizer.pipeline import Step
 from .editor import ModelEditor, get_output_names, get_pure_input_names
 
 
-def check_io_names(model: onnx.ModelProto, inputs: dict[str, dict], outputs) -> None:
-    """``inputs`` maps a parameter name to the input names it gives."""
+def check_io_names(model: onnx.ModelProto, inputs: dict[str, Iterable[str]], outputs: Iterable[str]) -> None:
+    """``inputs`` maps a parameter name to the input names it gives; ``outputs`` are output names."""
     valid_inputs, valid_outputs = get_pure_input_names(model), get_output_names(model)
     for parameter, names in inputs.items():
         for name in names:

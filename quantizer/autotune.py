@@ -119,10 +119,9 @@ def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable
         raise UsageError(f"`max_trials` must be a positive integer, got {max_trials!r}")
     if not (tolerable_loss >= 0):
         raise UsageError(f"`tolerable_loss` must be >= 0, got {tolerable_loss!r}")
-    changes = dict(percentile=percentage, input_shapes=input_shapes, activation_dtype=activation_dtype,
-                   weight_range=weight_range, exclude=exclude, protect=protect, show_progress=show_progress)
-    changes = {k: v for k, v in changes.items() if v is not None}
-    base = config.with_(**changes) if config is not None else QuantizationConfig(**changes)
+    base = QuantizationConfig.build(config, percentile=percentage, input_shapes=input_shapes,
+                                    activation_dtype=activation_dtype, weight_range=weight_range,
+                                    exclude=exclude, protect=protect, show_progress=show_progress)
     configs = [base.with_(method=m, report_samples=report_samples) for m in methods]  # validates every method
     sensitivity_samples = report_samples if report_samples > 0 else DEFAULT_REPORT_SAMPLES
 

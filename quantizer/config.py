@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -121,16 +121,10 @@ class QuantizationConfig:
         return replace(self, **changes)
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> "QuantizationConfig":
-        """Build from keyword arguments, ignoring the ones that are None."""
-        names = {f.name for f in fields(cls)}
-        unknown = set(kwargs) - names
-        if unknown:
-            raise UsageError(f"unknown configuration field(s): {', '.join(sorted(unknown))}")
-        return cls(**{k: v for k, v in kwargs.items() if v is not None})
-
-
-PathLike = "str | os.PathLike"
+    def build(cls, config: "QuantizationConfig | None" = None, **changes: Any) -> "QuantizationConfig":
+        """``config`` (or the defaults) with the fields of ``changes`` that are not None."""
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return config.with_(**changes) if config is not None else cls(**changes)
 
 
 @dataclass(frozen=True)

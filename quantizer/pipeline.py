@@ -170,9 +170,6 @@ def _verify_stage1(ctx: Context) -> str | None:
     problem = _stage1_difference(ctx, sample)
     if problem is None:
         return "outputs match the input model"
-    if ctx.conservative:
-        raise ModelError(f"stage 1 changes the model's output {problem} on calibration sample {name}, even "
-                         "without optimizations; the model cannot be quantized safely (please report it)")
     ctx.conservative = True
     run_steps(STAGE1 + (PREPARE_CALIBRATION,), ctx)
     problem_again = _stage1_difference(ctx, sample)
@@ -244,10 +241,16 @@ def _insert_qdq(ctx: Context) -> str:
     reasons = ctx.outcome.plan.float_reasons
     reasons.update({p["node"]: PROTECTED_REASON for p in ctx.protected})
     reasons.update(ctx.keep_float)
-    if ctx.config.activation_dtype == "int8" and platform.machine().lower() in ("x86_64", "amd64"):
-        ctx.notes.append("onnxruntime on x86 fuses uint8 activations into integer kernels where int8 often "
-                         "stays float (DQ/Q around float ops); for CPU deployment try `activation_dtype` uint8")
     return f"{len(ctx.outcome.plan.quantized_nodes)} nodes quantized"
+
+
+def _x86_int8(ctx: Context) -> bool:
+    return ctx.config.activation_dtype == "int8" and platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _advise_uint8(ctx: Context) -> None:
+    ctx.notes.append("onnxruntime on x86 fuses uint8 activations into integer kernels where int8 often "
+                     "stays float (DQ/Q around float ops); for CPU deployment try `activation_dtype` uint8")
 
 
 QUANTIZE = (
@@ -327,6 +330,7 @@ PREPARE = (
 )
 FINISH = (
     Step("refuse_float_copy", "quantize", _refuse_float_copy),
+    Step("advise_uint8", "quantize", _advise_uint8, _x86_int8),
     Step("tensor_report", "report", _tensor_report, lambda ctx: ctx.config.report_samples > 0),
     Step("save_ranges", "write", _save_ranges, lambda ctx: ctx.outputs.save_ranges is not None),
     Step("write_model", "write", _write_model, lambda ctx: ctx.outputs.model is not None),
@@ -371,7 +375,7 @@ class QuantizationResult:
 def quantize_model(
     model,
     dataset=None,
-    method: str = "MIN_MAX_ASYM",
+    method: str | None = None,
     *,
     config: QuantizationConfig | None = None,
     percentage: float | None = None,
@@ -390,7 +394,7 @@ def quantize_model(
     """optimize -> calibrate -> quantize, as the pipeline's steps.
 
     ``config`` is the typed configuration; the keyword arguments build one (or change the
-    given one).  ``dataset`` is a folder or an iterable of samples (or None when the
+    given one; None leaves a field as it is, so ``method`` defaults to min_max_asym).  ``dataset`` is a folder or an iterable of samples (or None when the
     statistics come from ``load_calibration`` states, or the ranges are given directly).
     ``save_calibration`` writes the state so other methods can reuse it without a model run.
     ``range_overrides`` replaces the ranges of the named tensors after calibration, e.g.
@@ -399,12 +403,11 @@ def quantize_model(
     float the shared-parameter nodes whose one scale would crush a tensor (protect.py).
     ``report_samples`` > 0 adds ``summary["tensors"]``: per-tensor SQNR on that many samples.
     """
-    changes = dict(method=method if config is None or method != "MIN_MAX_ASYM" else None,
-                   percentile=percentage, input_shapes=input_shapes, activation_dtype=activation_dtype,
-                   weight_range=weight_range, exclude=exclude, show_progress=show_progress,
-                   range_overrides=range_overrides, protect=protect, report_samples=report_samples)
-    changes = {k: v for k, v in changes.items() if v is not None}
-    config = config.with_(**changes) if config is not None else QuantizationConfig(**changes)
+    config = QuantizationConfig.build(
+        config, method=method, percentile=percentage, input_shapes=input_shapes,
+        activation_dtype=activation_dtype, weight_range=weight_range, exclude=exclude,
+        show_progress=show_progress, range_overrides=range_overrides, protect=protect,
+        report_samples=report_samples)
     inputs = CalibrationInputs(dataset, load_calibration, ranges)
     ctx = run(new_context(model, config, inputs, Outputs(save_calibration=save_calibration)))
     return QuantizationResult(ctx.outcome.model, ctx.ranges, ctx.summary)

@@ -155,7 +155,8 @@ def build_summary(ctx) -> Summary:
         size_bytes={"before": ctx.original.ByteSize(),
                     "after": written.size if written is not None else outcome.model.ByteSize()},
         seconds={k: round(v, 3) for k, v in ctx.timings.items()},
-        notes=tuple(ctx.notes), calibration=calibration, protected=tuple(ctx.protected),
+        notes=tuple(dict.fromkeys(ctx.notes)),  # a step run again (stage-1 fallback) adds no repeats
+        calibration=calibration, protected=tuple(ctx.protected),
         steps=tuple(ctx.steps), versions=versions(),
         input=str(ctx.source) if ctx.source_path is not None else None,
         output=str(written.path) if written is not None else None,

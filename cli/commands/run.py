@@ -52,7 +52,6 @@ def run(model, method, data, output, percentage, activation_dtype, weight_range,
         if not (data or load_calibration or ranges_file):
             raise UsageError("--data is required: a folder of .npy/.npz calibration samples "
                              "(or --load-calibration STATE / --ranges JSON)")
-        options.check_percentile(percentage)
         config = QuantizationConfig(
             method=method, percentile=percentage, input_shapes=shapes, activation_dtype=activation_dtype,
             weight_range=weight_range, exclude=exclude, protect=not no_protect,

@@ -38,7 +38,6 @@ def tune(model, eval_script, tolerable_loss, max_trials, methods, data, output, 
             raise UsageError("--data is required: a folder of .npy/.npz calibration samples")
         if not eval_script:
             raise UsageError("--eval is required: a Python file defining evaluate(model_path: str) -> float")
-        options.check_percentile(percentage)
         eval_fn = script_evaluator(eval_script)
         out = output or default_output(model, "int8")
         result = autotune(model, data, eval_fn, tolerable_loss, max_trials, list(methods) or list(DEFAULT_METHODS),
