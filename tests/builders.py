@@ -130,3 +130,19 @@ def conv_affine_model() -> onnx.ModelProto:
         helper.make_node("BatchNormalization", ["tb", "gamma", "beta", "mean", "var"], ["y"], name="bn"),
     ]
     return make_model(nodes, [float_input()], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 16, 16])], inits)
+
+
+def calibration_folder(tmp_path, files: dict):
+    """tmp_path/calib with {name: array (.npy) | dict (.npz) | bytes | callable(path)}."""
+    folder = tmp_path / "calib"
+    folder.mkdir(exist_ok=True)
+    for name, content in files.items():
+        if callable(content):
+            content(folder / name)
+        elif isinstance(content, bytes):
+            (folder / name).write_bytes(content)
+        elif isinstance(content, dict):
+            np.savez(folder / name, **content)
+        else:
+            np.save(folder / name, content)
+    return folder

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from builders import calibration_folder as folder_with
 from click.testing import CliRunner
 from conftest import SAMPLE_CALIB, SAMPLE_MODEL
 from hypothesis import HealthCheck, given, settings
@@ -118,19 +119,6 @@ def npy_bytes(array: np.ndarray, **kwargs) -> bytes:
     return buffer.getvalue()
 
 
-def folder_with(tmp_path: Path, files: dict) -> Path:
-    folder = tmp_path / "calib"
-    folder.mkdir(exist_ok=True)
-    for name, content in files.items():
-        if callable(content):
-            content(folder / name)
-        elif isinstance(content, bytes):
-            (folder / name).write_bytes(content)
-        elif isinstance(content, dict):
-            np.savez(folder / name, **content)
-        else:
-            np.save(folder / name, content)
-    return folder
 
 
 def assert_one_line(message: str, text: str) -> None:

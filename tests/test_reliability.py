@@ -21,15 +21,28 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from builders import (
+    _init,
+    branchy_model,
+    calibration_folder,
+    conv_affine_model,
+    conv_bn_relu_model,
+    two_input_model,
+)
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
-
-from builders import _init, branchy_model, conv_affine_model, conv_bn_relu_model, make_model, two_input_model
 from conftest import SAMPLE_CALIB, SAMPLE_MODEL, run
-from quantizer import CalibrationDataError, ModelError, QuantizerError, UsageError, quantize_model
+from onnx import TensorProto, helper, numpy_helper
 from quantizer.cli.main import cli
+
+from quantizer import (
+    CalibrationDataError,
+    ModelError,
+    QuantizerError,
+    UsageError,
+    model_io,
+    quantize_model,
+)
 from quantizer.errors import InternalError
-from quantizer import model_io
 from quantizer.model_io import load_model, save_model_atomic
 from quantizer.verify import check_emitted, sqnr_db
 
@@ -176,18 +189,7 @@ def test_model_given_as_wrong_python_type():
 
 def _folder(files):
     """A calibration folder maker: {name: array | dict (npz) | bytes}."""
-    def make(tmp_path):
-        folder = tmp_path / "calib"
-        folder.mkdir()
-        for name, content in files.items():
-            if isinstance(content, bytes):
-                (folder / name).write_bytes(content)
-            elif isinstance(content, dict):
-                np.savez(folder / name, **content)
-            else:
-                np.save(folder / name, content)
-        return folder
-    return make
+    return lambda tmp_path: calibration_folder(tmp_path, files)
 
 
 def _nan_sample():
