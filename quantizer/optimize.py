@@ -242,6 +242,53 @@ def _restore_output_dims(original: onnx.ModelProto, optimized: onnx.ModelProto) 
                 d_have.dim_param = d_want.dim_param
 
 
+def _same_pads(node: ir.Node) -> list[int] | None:
+    """The explicit pads of a Conv with auto_pad SAME_UPPER/SAME_LOWER, counting dilations
+    (an effective kernel of d*(k-1)+1); None when they depend on an unknown input size."""
+    weight, data = node.inputs[1], node.inputs[0]
+    kernel = node.attributes.get_ints("kernel_shape", None)
+    if kernel is None and weight.shape is not None and all(isinstance(d, int) for d in weight.shape[2:]):
+        kernel = list(weight.shape[2:])
+    if not kernel:
+        return None
+    rank = len(kernel)
+    strides = node.attributes.get_ints("strides", None) or [1] * rank
+    dilations = node.attributes.get_ints("dilations", None) or [1] * rank
+    sizes = list(data.shape[2:]) if data.shape is not None and len(data.shape) == rank + 2 else [None] * rank
+    begins, ends = [], []
+    for size, k, s, d in zip(sizes, kernel, strides, dilations):
+        effective = d * (k - 1) + 1
+        if s == 1:
+            total = effective - 1
+        elif isinstance(size, int):
+            total = max((-(-size // s) - 1) * s + effective - size, 0)
+        else:
+            return None
+        small, large = total // 2, total - total // 2
+        upper = node.attributes.get_string("auto_pad") == "SAME_UPPER"  # the odd pad goes at the end
+        begins.append(small if upper else large)
+        ends.append(large if upper else small)
+    return begins + ends
+
+
+def _explicit_same_pads(model: ir.Model) -> int:
+    """Write SAME auto_pad as explicit pads ourselves: onnxscript's pad normalization
+    ignores dilations (Conv(auto_pad=SAME_UPPER, dilations=2) got pads one step too small)."""
+    changed = 0
+    for node in model.graph:
+        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+            continue
+        if node.attributes.get_string("auto_pad", "NOTSET") not in ("SAME_UPPER", "SAME_LOWER"):
+            continue
+        pads = _same_pads(node)
+        if pads is None:
+            continue  # the size decides the pads at run time: onnxscript's rule needs it too
+        node.attributes["auto_pad"] = ir.AttrString("auto_pad", "NOTSET")
+        node.attributes["pads"] = ir.AttrInt64s("pads", pads)
+        changed += 1
+    return changed
+
+
 def _user_names(graph: ir.Graph) -> dict[tuple, str]:
     """Keys under which a node's user-given name can be found again after rewriting:
     (op type, first input), (op type, first output), (first output)."""
@@ -328,6 +375,7 @@ def optimize_model(model, input_shapes: Mapping[str, Sequence[int]] | None = Non
     names = _user_names(ir_model.graph)
     try:
         if not conservative:
+            _explicit_same_pads(ir_model)
             onnxscript.optimizer.optimize_ir(ir_model)
             onnxscript.rewriter.rewrite(ir_model, _FOLDING_RULES)
             onnxscript.optimizer.optimize_ir(ir_model)

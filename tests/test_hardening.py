@@ -301,3 +301,53 @@ def test_names_with_newlines_stay_on_one_line(tmp_path):
     r = invoke(SAMPLE_MODEL, "--data", SAMPLE_CALIB, "-o", out)
     assert_clean_failure(r, USAGE, "output directory does not exist", tmp_path)
     assert "two\\nlines" in r.output
+
+
+def _conv_model(**attributes) -> onnx.ModelProto:
+    w = np.random.default_rng(3).normal(size=(4, 2, 3, 3)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", **attributes)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 9, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [_init("w", w)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    return model
+
+
+@pytest.mark.parametrize("auto_pad, strides, dilations, pads", [
+    ("SAME_UPPER", [1, 1], [2, 2], [2, 2, 2, 2]),   # effective kernel 5: 4 pads, not 2
+    ("SAME_LOWER", [1, 1], [3, 1], [3, 1, 3, 1]),   # 6 and 2 pads, split evenly
+    ("SAME_UPPER", [2, 2], [2, 2], [2, 2, 2, 2]),   # 9 -> 5 outputs: (5-1)*2 + 5 - 9 = 4 pads
+    ("SAME_LOWER", [2, 2], [1, 1], [1, 1, 1, 1]),
+    ("SAME_LOWER", [1, 1], [1, 1], [1, 1, 1, 1]),
+    ("SAME_UPPER", [2, 2], [1, 1], [1, 1, 1, 1]),
+])
+def test_same_auto_pad_with_dilations_becomes_the_right_explicit_pads(auto_pad, strides, dilations, pads):
+    from quantizer import optimize_model
+
+    model = _conv_model(auto_pad=auto_pad, strides=strides, dilations=dilations)
+    conv = optimize_model(model).graph.node[0]
+    got = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    explicit = _conv_model(strides=strides, dilations=dilations, pads=got["pads"])
+    x = RNG.normal(size=(1, 2, 9, 9)).astype(np.float32)
+    y = _run_plain(explicit, {"x": x})["y"]
+    assert got["auto_pad"] in (b"NOTSET", "NOTSET")
+    assert y.shape[2:] == tuple(-(-9 // s) for s in strides)  # SAME: ceil(size / stride)
+    assert list(got["pads"]) == pads
+
+
+def test_odd_same_pads_go_at_the_end_for_upper_and_the_start_for_lower():
+    from quantizer import optimize_model
+
+    for auto_pad, want in (("SAME_UPPER", [0, 0, 1, 1]), ("SAME_LOWER", [1, 1, 0, 0])):
+        w = np.ones((1, 1, 2, 2), np.float32)  # an even kernel: one pad per axis, on one side
+        graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], auto_pad=auto_pad, name="c")], "g",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [_init("w", w)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 7
+        conv = optimize_model(model).graph.node[0]
+        pads = next(helper.get_attribute_value(a) for a in conv.attribute if a.name == "pads")
+        assert list(pads) == want
+        x = RNG.normal(size=(1, 1, 4, 4)).astype(np.float32)
+        np.testing.assert_allclose(_run_plain(optimize_model(model), {"x": x})["y"], _run_plain(model, {"x": x})["y"],
+                                   rtol=1e-6)
