@@ -23,7 +23,8 @@ from onnxscript.rewriter.rules import common as common_rules
 from .checks import checker_failure, converter_failure, invalid_input
 from .errors import ModelError, UsageError
 from .model_io import fits_in_protobuf, load_model
-from .subgraphs import repair_subgraph_outputs
+from .runtime import highest_qdq_opset
+from .subgraphs import iter_graphs, repair_subgraph_outputs
 
 MIN_OPSET = 13
 
@@ -161,7 +162,8 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 
 def _ensure_opset(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Convert to opset >= 13; refuse opsets newer than the installed onnx knows."""
+    """Convert to an opset in [13, the newest at which onnxruntime runs Q/DQ]; refuse
+    opsets newer than the installed onnx knows."""
     version = default_opset(model)
     newest = onnx.defs.onnx_opset_version()
     if version > newest:
@@ -169,12 +171,20 @@ def _ensure_opset(model: onnx.ModelProto) -> onnx.ModelProto:
             f"model opset {version} is newer than the installed onnx supports ({newest}); "
             "upgrade onnx/onnxruntime"
         )
-    if version >= MIN_OPSET:
-        return model
+    if version < MIN_OPSET:
+        target = MIN_OPSET
+    else:
+        target = min(version, highest_qdq_opset(version))
+        if target == version:
+            return model
     try:
-        converted = onnx.version_converter.convert_version(model, MIN_OPSET)
+        converted = onnx.version_converter.convert_version(model, target)
     except Exception as exc:  # the converter raises bare RuntimeError/ValidationError
-        raise converter_failure(model, version, MIN_OPSET, exc) from exc
+        error = converter_failure(model, version, target, exc)
+        if target < version:  # going down: the quantized model would not load at this opset
+            raise ModelError(f"the installed onnxruntime runs QuantizeLinear only up to opset {target}, and "
+                             f"{error}") from exc
+        raise error from exc
     converted.ir_version = max(converted.ir_version, 7)  # IR < 4 wants initializers as inputs
     return converted
 
@@ -224,6 +234,38 @@ def _forget_declared_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
                 if dim.HasField("dim_value"):  # a number is a claim folding would trust;
                     dim.Clear()  # a symbolic name and the rank stay
     return copy
+
+
+def _dense(sparse: onnx.SparseTensorProto, name: str) -> onnx.TensorProto:
+    values = onnx.numpy_helper.to_array(sparse.values)
+    indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
+    dims = tuple(int(d) for d in sparse.dims)
+    dense = np.zeros(int(np.prod(dims, dtype=np.int64)), values.dtype)
+    if indices.ndim == 2:  # [NNZ, rank] coordinates
+        indices = np.ravel_multi_index(tuple(indices.T), dims) if indices.size else indices.reshape(0)
+    dense[indices.reshape(-1)] = values.reshape(-1)
+    return onnx.numpy_helper.from_array(dense.reshape(dims), name)
+
+
+def _densify_sparse(proto: onnx.ModelProto) -> int:
+    """Sparse initializers and Constant(sparse_value) as dense tensors, in place (onnx-ir
+    reads no sparse tensors; the values are the same).  Returns how many were changed."""
+    changed = 0
+    for sparse in list(proto.graph.sparse_initializer):
+        proto.graph.initializer.append(_dense(sparse, sparse.values.name))
+        changed += 1
+    del proto.graph.sparse_initializer[:]
+    for graph in iter_graphs(proto.graph):
+        for node in graph.node:
+            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+                continue
+            attr = next((a for a in node.attribute if a.name == "sparse_value"), None)
+            if attr is not None:
+                dense = _dense(attr.sparse_tensor, node.output[0])
+                node.attribute.remove(attr)
+                node.attribute.append(onnx.helper.make_attribute("value", dense))
+                changed += 1
+    return changed
 
 
 def _restore_output_dims(original: onnx.ModelProto, optimized: onnx.ModelProto) -> None:
@@ -362,6 +404,7 @@ def optimize_model(model, input_shapes: Mapping[str, Sequence[int]] | None = Non
     original = load_model(model)
     converted = _ensure_opset(original)
     proto = _forget_declared_shapes(converted)
+    _densify_sparse(proto)
     try:
         ir_model = ir.from_proto(proto)
     except Exception as exc:

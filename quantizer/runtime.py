@@ -7,10 +7,13 @@ copy with external data), and can expose intermediate tensors as extra outputs.
 
 from __future__ import annotations
 
+import functools
 import os
 
+import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import TensorProto, helper
 
 from .model_io import ort_model_source
 
@@ -43,3 +46,25 @@ def session(model, *, extra_outputs=(), optimize: bool = True) -> ort.InferenceS
         model = with_extra_outputs(model, list(extra_outputs))
     with ort_model_source(model) as source:
         return ort.InferenceSession(source, options, providers=PROVIDERS)
+
+
+@functools.lru_cache(maxsize=None)
+def highest_qdq_opset(upto: int) -> int:
+    """The newest opset <= ``upto`` at which the installed onnxruntime runs
+    QuantizeLinear/DequantizeLinear (onnx can know newer versions of them than
+    onnxruntime implements).  Found by loading a two-node model; 13 at the least."""
+    for version in range(upto, 13, -1):
+        graph = helper.make_graph(
+            [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], "probe",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+            [helper.make_tensor("s", TensorProto.FLOAT, [], [0.5]), helper.make_tensor("z", TensorProto.INT8, [], [0])])
+        probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", version)])
+        probe.ir_version = 10 if version < 23 else 11
+        try:
+            session(probe).run(None, {"x": np.zeros(2, np.float32)})
+            return version
+        except Exception:
+            continue
+    return 13

@@ -351,3 +351,60 @@ def test_odd_same_pads_go_at_the_end_for_upper_and_the_start_for_lower():
         x = RNG.normal(size=(1, 1, 4, 4)).astype(np.float32)
         np.testing.assert_allclose(_run_plain(optimize_model(model), {"x": x})["y"], _run_plain(model, {"x": x})["y"],
                                    rtol=1e-6)
+
+
+def test_a_model_at_the_newest_onnx_opset_quantizes_into_a_loadable_model(tmp_path):
+    from quantizer.runtime import highest_qdq_opset
+
+    newest = onnx.defs.onnx_opset_version()
+    model = onnx.load(SAMPLE_MODEL)
+    model.opset_import[0].version = newest
+    model.ir_version = 11
+    path = tmp_path / "newest.onnx"
+    onnx.save(model, path)
+    r = invoke(path, "--data", SAMPLE_CALIB, "-o", tmp_path / "q.onnx", "-q")
+    assert r.exit_code == 0, r.output
+    written = onnx.load(tmp_path / "q.onnx")
+    assert written.opset_import[0].version == highest_qdq_opset(newest) <= newest
+    ort.InferenceSession(written.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_an_opset_onnxruntime_cannot_quantize_at_is_converted_down_or_refused(tmp_path, monkeypatch):
+    from quantizer import optimize as optimize_module
+
+    monkeypatch.setattr(optimize_module, "highest_qdq_opset", lambda upto: 17)
+    model = onnx.load(SAMPLE_MODEL)
+    model.opset_import[0].version = 21
+    model.ir_version = 10
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    result = quantize_model(path, SAMPLE_CALIB, show_progress=False)
+    assert result.model.opset_import[0].version == 17
+
+    def cannot(*args, **kwargs):
+        raise RuntimeError("no adapter")
+
+    monkeypatch.setattr(onnx.version_converter, "convert_version", cannot)
+    r = invoke(path, "--data", SAMPLE_CALIB, "-o", tmp_path / "q.onnx")
+    assert_clean_failure(r, MODEL, "runs QuantizeLinear only up to opset 17", tmp_path, keep=("m.onnx",))
+
+
+def test_a_sparse_constant_is_read_as_its_dense_value():
+    values = helper.make_tensor("c", TensorProto.FLOAT, [3], [1.5, -2.0, 4.0])
+    indices = helper.make_tensor("c_indices", TensorProto.INT64, [3, 1], [0, 5, 7])  # [NNZ, rank] form
+    sparse = helper.make_sparse_tensor(values, indices, [8])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="mm"), helper.make_node("Add", ["m", "c"], ["y"], name="add")]
+    nodes.insert(0, helper.make_node("Constant", [], ["c"], sparse_value=sparse, name="const"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+                              [_init("w", RNG.normal(size=(8, 8)).astype(np.float32))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    onnx.checker.check_model(model, full_check=True)
+    samples = [RNG.normal(size=(2, 8)).astype(np.float32) for _ in range(8)]
+    result = quantize_model(model, samples, show_progress=False)
+    x = samples[0]
+    assert sqnr_db(_run_plain(model, {"x": x})["y"], _run_plain(result.model, {"x": x})["y"]) > 25
+    zero_input = {"x": np.zeros((1, 8), np.float32)}  # y = c exactly where the MatMul is 0
+    np.testing.assert_allclose(_run_plain(model, zero_input)["y"][0], [1.5, 0, 0, 0, 0, -2.0, 0, 4.0], atol=0.05)
+    np.testing.assert_allclose(_run_plain(result.model, zero_input)["y"][0], [1.5, 0, 0, 0, 0, -2.0, 0, 4.0], atol=0.05)
