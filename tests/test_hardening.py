@@ -408,3 +408,28 @@ def test_a_sparse_constant_is_read_as_its_dense_value():
     zero_input = {"x": np.zeros((1, 8), np.float32)}  # y = c exactly where the MatMul is 0
     np.testing.assert_allclose(_run_plain(model, zero_input)["y"][0], [1.5, 0, 0, 0, 0, -2.0, 0, 4.0], atol=0.05)
     np.testing.assert_allclose(_run_plain(result.model, zero_input)["y"][0], [1.5, 0, 0, 0, 0, -2.0, 0, 4.0], atol=0.05)
+
+
+def test_sigterm_during_tune_removes_its_temporary_folder(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    script = tmp_path / "eval.py"
+    script.write_text("import os, signal\n"
+                      "def evaluate(path):\n"
+                      "    assert os.path.exists(path)\n"
+                      "    os.kill(os.getpid(), signal.SIGTERM)\n"
+                      "    return 1.0\n")
+    done = subprocess.run([sys.executable, "-m", "quantizer", "tune", str(SAMPLE_MODEL), "--data", str(SAMPLE_CALIB),
+                           "--eval", str(script), "-o", str(out / "q.onnx")],
+                          capture_output=True, text=True, env={**os.environ, "TMPDIR": str(scratch)}, timeout=120)
+    assert done.returncode == INTERRUPTED and "interrupted: no output written" in done.stderr, done.stderr
+    # (this sandbox's shell writes a '.ses' marker into TMPDIR: only our folders count)
+    assert [p.name for p in scratch.iterdir() if p.is_dir() or "quantize" in p.name] == []
+    assert list(out.iterdir()) == []
+
+
+def test_a_name_with_a_newline_in_a_message_stays_on_one_line(tmp_path):
+    r = invoke(SAMPLE_MODEL, "--data", SAMPLE_CALIB, "-o", tmp_path / "q.onnx", "--input-type", "in\nput=uint8")
+    assert_clean_failure(r, USAGE, "unknown input 'in\\nput'", tmp_path)
