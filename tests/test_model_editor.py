@@ -391,3 +391,30 @@ def test_cli_edit_twice_is_refused_and_writes_nothing(tmp_path, quantized_file):
     assert_one_line_error(invoke("edit", once, "-o", twice, "--input-type", "input=uint8"), MODEL,
                           "input 'input' is uint8, not float32")
     assert not twice.exists()
+
+
+def test_a_subgraph_reading_the_input_reads_its_dequantized_value():
+    """x feeds a Conv (quantized) and, from inside an If branch, a float Relu: after the
+    input becomes integer, the branch must read the dequantized x, not the integers."""
+    branch = helper.make_graph([helper.make_node("Relu", ["x"], ["b"], name="inner_relu")], "then",
+                               [], [helper.make_tensor_value_info("b", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])])
+    other = helper.make_graph([helper.make_node("Neg", ["x"], ["e"], name="inner_neg")], "else",
+                              [], [helper.make_tensor_value_info("e", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])])
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("If", ["cond"], ["z"], name="branchy_if", then_branch=branch, else_branch=other)],
+        [float_input()],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 8, 8]),
+         helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [_init("w", RNG.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32)), _init("cond", np.array(True))],
+    )
+    quantized = quantize_model(model, SAMPLES, show_progress=False).model
+    edited = copy(quantized)
+    io = ModelEditor(edited).convert_input_type("x", "uint8")
+    onnx.checker.check_model(edited, full_check=True)
+    q = io.quantize(X)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(edited.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    z = session.run(["z"], {"x": q})[0]
+    np.testing.assert_allclose(z, np.maximum(io.dequantize(q), 0), rtol=1e-6)
