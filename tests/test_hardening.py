@@ -15,11 +15,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 from builders import _init
-from click.testing import CliRunner
 from conftest import SAMPLE_CALIB, SAMPLE_MODEL, sqnr_db
+from corpus import INTERRUPTED, MODEL, SLOW_CLI, USAGE, assert_clean_failure, invoke
 from onnx import TensorProto, helper
-from quantizer.cli.main import cli, main
-from test_reliability import SLOW_CLI  # a CLI process that calibrates slowly
+from quantizer.cli.main import main
 
 from quantizer import ModelError, UsageError, quantize_model
 from quantizer import pipeline as pipeline_module
@@ -27,21 +26,7 @@ from quantizer.errors import InternalError
 from quantizer.model_io import save_model_atomic
 from quantizer.verify import Reference, WrittenModelCheck
 
-USAGE, MODEL, DATA, INTERRUPTED = 2, 3, 4, 130
 RNG = np.random.default_rng(7)
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def assert_clean_failure(result, code, text, folder, keep=()):
-    assert result.exit_code == code, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and text in lines[0], result.output
-    assert "Traceback" not in result.output
-    left = sorted(p.name for p in folder.iterdir() if p.name not in keep)
-    assert left == [], left
 
 
 def _declared_output_model() -> onnx.ModelProto:

@@ -144,7 +144,7 @@ def random_models(draw):
 
 def quantized(model, samples, *args, **kwargs):
     """quantize_model, with graphs that have nothing to quantize (a lone Relu or Concat)
-    rejected: refusing them is the specified behaviour, tested in test_reliability."""
+    rejected: refusing them is the specified behaviour, tested in test_input_checks and test_calibration_data."""
     try:
         return quantize_model(model, samples, *args, show_progress=False, **kwargs)
     except ModelError as exc:
