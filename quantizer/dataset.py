@@ -258,7 +258,18 @@ class NpzReader:
                 f"its zip entry holds {info.file_size - header.data_offset})"
             )
         with self._zip.open(info) as member:
-            return np.lib.format.read_array(member, allow_pickle=False)
+            return _read_data(member, header)
+
+
+def _read_data(handle, header: ArrayHeader) -> np.ndarray:
+    """The array whose (already checked) header starts ``handle``: its data read straight
+    into place, without numpy parsing the header a second time."""
+    handle.read(header.data_offset)
+    data = bytearray(header.nbytes)
+    if handle.readinto(data) != header.nbytes:
+        raise CorruptArchive(f"truncated data (its header declares {header.nbytes} bytes)")
+    array = np.frombuffer(data, dtype=header.dtype)
+    return array.reshape(header.shape, order="F" if header.fortran_order else "C")
 
 
 def _describe_bytes(n: int) -> str:
@@ -317,7 +328,7 @@ def _read_npy(path: Path, spec: InputSpec) -> Sample:
                 f"bytes of data, the file holds {held})"
             )
         handle.seek(0)
-        array = np.lib.format.read_array(handle, allow_pickle=False)
+        array = _read_data(handle, header)
     return {spec.name: _as_loaded(array, spec, path.name)}
 
 
