@@ -17,7 +17,7 @@ from quantizer.report import DEFAULT_REPORT_SAMPLES
 
 FLAGS = {
     "method": "--calib", "methods": "--calib", "percentile": "--percentile", "input_shapes": "--input-shape",
-    "activation_dtype": "--activation-dtype", "weight_range": "--weight-range", "exclude": "--exclude",
+    "target": "--target", "activation_dtype": "--activation-dtype", "weight_range": "--weight-range", "exclude": "--exclude",
     "protect=False": "--no-protect", "report_samples": "--report-samples", "range_overrides": "--input-range",
     "min_sqnr_db": "--min-sqnr", "model": "-o", "report": "--report", "save_ranges": "--save-ranges",
     "save_calibration": "--save-calibration", "max_trials": "--max-trials", "tolerable_loss": "--tolerable-loss",
@@ -46,11 +46,15 @@ data = click.option("--data", "data", type=click.Path(),
                     help="Folder of .npy (single input) or .npz (keyed by input name) samples.")
 percentile = click.option("--percentile", "percentage", default=DEFAULT_PERCENTILE, show_default=True, type=float,
                           help="Percentile for the PERCENTILE methods.")
-activation_dtype = click.option("--activation-dtype", type=click.Choice(["int8", "uint8"]), default="int8",
-                                show_default=True, help="Activation type.")
-weight_range = click.option("--weight-range", type=click.Choice(["auto", "full", "reduced"]), default="auto",
-                            show_default=True,
-                            help="full: [-127,127]; reduced: [-63,63], exact on x86 without VNNI; auto picks for this CPU.")
+target = click.option("--target", default="ort-cpu", show_default=True, metavar="NAME|FILE",
+                      help="Backend to quantize for: ort-cpu (resolved for this machine), ort-cpu-x86, "
+                           "ort-cpu-vnni, ort-cpu-arm, tensorrt, tflite (npu), or a .toml/.json target file "
+                           "(see `quantize targets`).")
+activation_dtype = click.option("--activation-dtype", type=click.Choice(["int8", "uint8"]), default=None,
+                                help="Activation type [default: the target's; checked against what it allows].")
+weight_range = click.option("--weight-range", type=click.Choice(["auto", "full", "reduced"]), default=None,
+                            help="full: [-127,127]; reduced: [-63,63], exact on x86 without VNNI "
+                                 "[default: the target's].")
 exclude = click.option("--exclude", multiple=True, metavar="NAME|OPTYPE|GLOB",
                        help="Keep float the nodes whose name or op type matches (fnmatch glob; repeatable).")
 no_protect = click.option("--no-protect", is_flag=True,
@@ -69,7 +73,7 @@ output_type = click.option("--output-type", "output_types", multiple=True, metav
                                 "requantize it to that range first (repeatable).")
 
 # What `run` and `tune` both take.
-QUANTIZATION = option_group(data, output, percentile, activation_dtype, weight_range, exclude, no_protect,
+QUANTIZATION = option_group(data, output, target, percentile, activation_dtype, weight_range, exclude, no_protect,
                             report, quiet, input_shape, debug)
 
 

@@ -67,7 +67,10 @@ def format_summary(summary, output: Path | None, rows: int = 10) -> str:
             lines.append(f"  range of '{name}' set to [{low:g}, {high:g}] (--input-range)")
         for name, count in calib["nonfinite_values"].items():
             lines.append(f"  warning: {count} NaN/Inf values in '{name}' were ignored")
-    lines.append(f"weights: int8 {summary['weight_range']} range; activations: {summary['activation_dtype']}")
+    target = summary.get("target")
+    where = f"target {target['name']}" + (f" (for {target['requested']})" if target["requested"] != target["name"] else "") + "; " if target else ""
+    lines.append(f"{where}weights: int8 {summary['weight_range']} range; activations: {summary['activation_dtype']}"
+                 + (" symmetric (zero point 0)" if target and target["activations"]["symmetric"] else ""))
     lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in summary["seconds"].items()))
     lines.extend(f"note: {for_cli(note)}" for note in summary.get("notes", []))
     lines.extend(format_io(summary.get("io", [])))
@@ -111,3 +114,49 @@ def format_trial(trial, max_trials: int) -> str:
     kept = f", float: {', '.join(trial.excluded)}" if trial.excluded else ""
     return (f"trial {trial.number}/{max_trials}: {trial.method.lower()}{kept}: metric "
             f"{trial.metric:.6g}{loss} -> {'pass' if trial.passed else 'fail'}")
+
+
+def format_target(target, full: bool = False) -> str:
+    """A target's declaration, readable; ``full`` lists every op rule."""
+    a, w = target.activations, target.weights
+    sym = "symmetric, zero point 0" if a.symmetric else "asymmetric"
+    allowed = f" (allowed: {', '.join(a.dtypes)})" if len(a.dtypes) > 1 else ""
+    scale = []
+    for what, rule in (("activation", a.scale), ("weight", w.scale)):
+        if rule.power_of_two:
+            scale.append(f"{what} scales powers of two")
+        if rule.minimum > 0:
+            scale.append(f"{what} scale >= {rule.minimum:g}")
+    lines = [
+        f"{target.name}: {target.description}" if target.description else target.name,
+        f"  activations: {a.dtype} {sym}{allowed}",
+        f"  weights: int8 {w.range} [-{w.qmax}, {w.qmax}], {'per-channel' if w.per_channel else 'per-tensor'}"
+        + (f" (allowed: {', '.join(w.ranges)})" if len(w.ranges) > 1 else ""),
+        f"  bias: {target.bias}",
+        f"  Q/DQ: on op {target.placement}"
+        + (f"; fused: {', '.join(sorted(target.fused_activations))}" if target.fused_activations else "")
+        + ("; scalar Mul folded into DequantizeLinear" if target.fold_scalar_mul else ""),
+    ]
+    if scale:
+        lines.append(f"  scales: {'; '.join(scale)}")
+    if target.rewrites:
+        lines.append(f"  stage-1 rewrites: {', '.join(target.rewrites)}")
+    if full:
+        lines.append("  ops:")
+        lines += [f"    {op}: {_rule_text(rule)}" for op, rule in sorted(target.ops.items())]
+    else:
+        lines.append(f"  ops ({len(target.ops)}): {', '.join(sorted(target.ops))}")
+    if target.source not in ("", "preset"):
+        lines.append(f"  from: {target.source}")
+    return "\n".join(lines)
+
+
+def _rule_text(rule) -> str:
+    inputs = "all inputs" if rule.activations is None else "inputs " + ",".join(map(str, rule.activations))
+    parts = [inputs]
+    if rule.weight is not None:
+        parts.append(f"weight {rule.weight}")
+    if rule.bias is not None:
+        parts.append(f"bias {rule.bias}")
+    parts.append(f"output {rule.output}")
+    return "; ".join(parts)

@@ -13,9 +13,9 @@ import importlib.util
 import math
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 import onnx
 
@@ -95,7 +95,7 @@ def _metric(value, what: str) -> float:
 def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable_loss: float = 0.01,
              max_trials: int = 10, methods: Iterable = DEFAULT_METHODS, *,
              config: QuantizationConfig | None = None,
-             input_shapes: Mapping[str, Sequence[int]] | None = None, activation_dtype: str | None = None,
+             input_shapes: Mapping[str, Sequence[int]] | None = None, target=None, activation_dtype: str | None = None,
              weight_range: str | None = None, exclude: Iterable[str] | None = None, protect: bool | None = None,
              percentage: float | None = None, report_samples: int = DEFAULT_REPORT_SAMPLES,
              show_progress: bool | None = None, outputs: Outputs | None = None,
@@ -120,7 +120,7 @@ def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable
     if not (tolerable_loss >= 0):
         raise UsageError(f"`tolerable_loss` must be >= 0, got {tolerable_loss!r}")
     base = QuantizationConfig.build(config, percentile=percentage, input_shapes=input_shapes,
-                                    activation_dtype=activation_dtype, weight_range=weight_range,
+                                    target=target, activation_dtype=activation_dtype, weight_range=weight_range,
                                     exclude=exclude, protect=protect, show_progress=show_progress)
     configs = [base.with_(method=m, report_samples=report_samples) for m in methods]  # validates every method
     sensitivity_samples = report_samples if report_samples > 0 else DEFAULT_REPORT_SAMPLES

@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from quantizer.calibrators import CalibrationMethod, range_function
 
 from .errors import UsageError, calibrator_errors
-from .qdq.params import ACTIVATION_DTYPES, WEIGHT_QMAX
+from .targets import (
+    ACTIVATION_DTYPES,
+    DEFAULT_TARGET,
+    WEIGHT_QMAX,
+    Target,
+    TargetError,
+    load_target,
+)
 
 DEFAULT_PERCENTILE = 99.99
 DEFAULT_MIN_SQNR_DB = 10.0
@@ -31,7 +39,7 @@ class Scope:
     patterns: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, value: "Scope | str | Iterable[str] | None") -> "Scope":
+    def of(cls, value: Scope | str | Iterable[str] | None) -> Scope:
         if isinstance(value, Scope):
             return value
         if value is None:
@@ -72,8 +80,10 @@ class QuantizationConfig:
     method: calibration method (one of the ten names, any case).
     percentile: for the PERCENTILE methods, in (0, 100].
     input_shapes: fixed shapes for dynamic inputs, ``{"x": (1, 3, 224, 224)}``.
-    activation_dtype: "int8" or "uint8".
-    weight_range: "full", "reduced" or "auto" (picks for this CPU).
+    target: the backend to quantize for: a preset name ("ort-cpu", the default, resolved
+    for this machine; "tensorrt", "tflite", ...), a TOML/JSON target file or a Target.
+    activation_dtype: "int8" or "uint8" (None: the target's choice; else checked against it).
+    weight_range: "full", "reduced" or "auto" (None/"auto": the target's choice).
     exclude: nodes kept float (a Scope, or names/op types/globs).
     protect: keep float the nodes whose int8 scale would crush a tensor.
     report_samples: samples for the per-tensor SQNR report (0: no report).
@@ -84,13 +94,16 @@ class QuantizationConfig:
     method: CalibrationMethod = CalibrationMethod.MIN_MAX_ASYM
     percentile: float = DEFAULT_PERCENTILE
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
-    activation_dtype: str = "int8"
-    weight_range: str = "auto"
+    target: Any = DEFAULT_TARGET
+    activation_dtype: str | None = None
+    weight_range: str | None = None
     exclude: Scope = Scope()
     protect: bool = True
     report_samples: int = 0
     range_overrides: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     show_progress: bool | None = None
+    # The target with the overrides applied: what the steps read (set in __post_init__).
+    resolved_target: Target = field(init=False, repr=False, compare=False, default=None)
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: normalize once, here
@@ -105,23 +118,29 @@ class QuantizationConfig:
             raise UsageError(f"`percentile` must be in (0, 100], got {self.percentile}")
         set_(self, "percentile", percentile)
         set_(self, "input_shapes", _shapes(self.input_shapes))
-        if self.activation_dtype not in ACTIVATION_DTYPES:
+        if self.activation_dtype is not None and self.activation_dtype not in ACTIVATION_DTYPES:
             raise UsageError(f"`activation_dtype` must be one of {', '.join(ACTIVATION_DTYPES)}, "
                              f"got {self.activation_dtype!r}")
-        if self.weight_range not in (*WEIGHT_QMAX, "auto"):
+        if self.weight_range is not None and self.weight_range not in (*WEIGHT_QMAX, "auto"):
             raise UsageError(f"`weight_range` must be full, reduced or auto, got {self.weight_range!r}")
+        try:
+            target = load_target(self.target)
+            set_(self, "target", target)
+            set_(self, "resolved_target", target.choose(self.activation_dtype, self.weight_range))
+        except TargetError as exc:
+            raise UsageError(f"`target`: {exc}") from exc
         set_(self, "exclude", Scope.of(self.exclude))
         if not isinstance(self.report_samples, int) or self.report_samples < 0:
             raise UsageError(f"`report_samples` must be an integer >= 0, got {self.report_samples!r}")
         set_(self, "range_overrides", {n: _range_pair(n, r, "`range_overrides`")
                                        for n, r in (self.range_overrides or {}).items()})
 
-    def with_(self, **changes: Any) -> "QuantizationConfig":
+    def with_(self, **changes: Any) -> QuantizationConfig:
         """A copy with some fields changed (validated again)."""
         return replace(self, **changes)
 
     @classmethod
-    def build(cls, config: "QuantizationConfig | None" = None, **changes: Any) -> "QuantizationConfig":
+    def build(cls, config: QuantizationConfig | None = None, **changes: Any) -> QuantizationConfig:
         """``config`` (or the defaults) with the fields of ``changes`` that are not None."""
         changes = {k: v for k, v in changes.items() if v is not None}
         return config.with_(**changes) if config is not None else cls(**changes)

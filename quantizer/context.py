@@ -54,6 +54,7 @@ class Context:
     keep_float: dict[str, str] = field(default_factory=dict)  # node -> reason, beyond exclude
     outcome: Any = None  # quantize.QuantizeOutcome
     tensor_report: dict | None = None
+    fusion: Any = None  # fusion.FusionReport: what onnxruntime runs in integer kernels
     io: list[dict] = field(default_factory=list)  # integer inputs/outputs made by the editor
     transaction: Transaction = field(default_factory=Transaction)
     written: Written | None = None
@@ -68,7 +69,7 @@ class Context:
     def source_path(self) -> Path | None:
         return Path(self.source) if isinstance(self.source, (str, os.PathLike)) else None
 
-    def fork(self, **changes) -> "Context":
+    def fork(self, **changes) -> Context:
         """A copy for one more quantization of the same calibration (autotune's trials):
         shares the models, statistics and caches; owns its notes, timings and results."""
         forked = copy.copy(self)

@@ -8,7 +8,7 @@ inferred shapes.  Numerically it is the same function as the input model.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -23,6 +23,7 @@ from onnxscript.rewriter.rules import common as common_rules
 from .checks import checker_failure, converter_failure, invalid_input
 from .errors import ModelError, UsageError
 from .model_io import fits_in_protobuf, load_model
+from .rewrites import apply_rewrites, check_rewrite_names
 from .runtime import highest_qdq_opset
 from .subgraphs import iter_graphs, repair_subgraph_outputs
 
@@ -391,7 +392,7 @@ def _drop_unknown_reshape_allowzero(model: onnx.ModelProto) -> None:
 
 
 def optimize_model(model, input_shapes: Mapping[str, Sequence[int]] | None = None, *,
-                   conservative: bool = False) -> onnx.ModelProto:
+                   conservative: bool = False, rewrites: Sequence[str] = ()) -> onnx.ModelProto:
     """Stage 1: return an optimized, numerically equivalent copy of ``model``.
 
     ``model`` is a path or ModelProto; ``input_shapes`` optionally fixes dynamic input
@@ -399,8 +400,11 @@ def optimize_model(model, input_shapes: Mapping[str, Sequence[int]] | None = Non
     nodes that a rewrite merged (a BatchNorm folded into a Conv leaves the Conv's name).
     ``conservative`` skips the optimizer and the rewrite rules (opset conversion, clean-up
     and shapes only): the fallback when the optimized model does not compute the same
-    outputs as the input.
+    outputs as the input.  ``rewrites`` names extra rule families of
+    :mod:`quantizer.rewrites` (``"div_by_constant"``, ``"hardswish"``, ...) applied after
+    the folding rules; unknown names raise ValueError, and ``conservative`` skips them too.
     """
+    rewrites = check_rewrite_names(rewrites)
     original = load_model(model)
     converted = _ensure_opset(original)
     proto = _forget_declared_shapes(converted)
@@ -421,6 +425,8 @@ def optimize_model(model, input_shapes: Mapping[str, Sequence[int]] | None = Non
             _explicit_same_pads(ir_model)
             onnxscript.optimizer.optimize_ir(ir_model)
             onnxscript.rewriter.rewrite(ir_model, _FOLDING_RULES)
+            if rewrites:
+                apply_rewrites(ir_model, rewrites)
             onnxscript.optimizer.optimize_ir(ir_model)
         ir_passes.IdentityEliminationPass()(ir_model)
         repair_subgraph_outputs(ir_model)  # identity elimination may break If/Loop bodies

@@ -3,7 +3,8 @@
     load -> refuse_quantized -> check_outputs -> check_names -> optimize -> resolve_scope -> check_stage1
     -> prepare_calibration -> verify_stage1 -> collect -> save_calibration
     -> compute_ranges -> protect -> insert_qdq
-    -> tensor_report -> save_ranges -> write_model -> summarize -> write_report -> commit
+    -> refuse_float_copy -> tensor_report -> save_ranges -> write_model -> fusion_report -> summarize
+    -> write_report -> commit
 
 ``quantize_model`` runs them all; ``autotune`` runs the same list, repeating the
 quantization part once per trial.  A step has one job, skips itself when the run does
@@ -14,10 +15,9 @@ inputs/outputs) with ``with_steps``.
 
 from __future__ import annotations
 
-import platform
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
 
 import onnx
 import onnx_ir as ir
@@ -36,6 +36,7 @@ from .config import CalibrationInputs, Outputs, QuantizationConfig
 from .context import Context, Written
 from .dataset import DataSource, input_specs
 from .errors import ModelError
+from .fusion import fusion_report
 from .model_io import (
     check_distinct_outputs,
     load_model,
@@ -49,6 +50,7 @@ from .quantize import insert, validate_ranges
 from .report import report_summary
 from .subgraphs import count_subgraph_nodes
 from .summary import build_summary
+from .targets import record_target
 from .verify import Reference, WrittenModelCheck, compare_outputs
 
 # Stage 1 must compute the input model's function: an output whose SQNR against the input
@@ -99,7 +101,8 @@ def _check_outputs(ctx: Context) -> None:
 
 
 def _optimize(ctx: Context) -> str:
-    ctx.stage1 = optimize_model(ctx.original, ctx.config.input_shapes, conservative=ctx.conservative)
+    ctx.stage1 = optimize_model(ctx.original, ctx.config.input_shapes, conservative=ctx.conservative,
+                                rewrites=ctx.config.resolved_target.rewrites)
     ctx.model = ir.from_proto(ctx.stage1)
     return f"{len(ctx.stage1.graph.node)} nodes" + (" (conservative: no optimizer)" if ctx.conservative else "")
 
@@ -112,7 +115,7 @@ def _resolve_scope(ctx: Context) -> str | None:
 
 
 def _check_stage1(ctx: Context) -> str:
-    ctx.plan = build_plan(ctx.model, ctx.excluded)
+    ctx.plan = build_plan(ctx.model, ctx.excluded, ctx.config.resolved_target)
     ctx.notes.extend(check_stage1(ctx.original, ctx.stage1, ctx.plan))
     return f"{len(ctx.plan.quantized_nodes)} nodes to quantize, {len(ctx.plan.calibrated_tensors)} tensors to calibrate"
 
@@ -228,7 +231,7 @@ def _compute_ranges(ctx: Context) -> str:
 def _protect(ctx: Context) -> str | None:
     statistics = ctx.calibrator.statistics if ctx.calibrator is not None and ctx.calibrator.samples_seen else None
     protected, notes = find_protected(ctx.model, ctx.ranges, ctx.excluded | set(ctx.keep_float),
-                                      ctx.config.activation_dtype, statistics=statistics)
+                                      statistics=statistics, target=ctx.config.resolved_target)
     ctx.protected = protected
     ctx.notes.extend(notes)
     return f"{len(protected)} nodes kept float" if protected else None
@@ -236,21 +239,12 @@ def _protect(ctx: Context) -> str | None:
 
 def _insert_qdq(ctx: Context) -> str:
     keep = ctx.excluded | set(ctx.keep_float) | {p["node"] for p in ctx.protected}
-    ctx.outcome = insert(ir.from_proto(ctx.stage1), ctx.ranges, ctx.config.activation_dtype, keep,
-                         ctx.config.weight_range)
+    ctx.outcome = insert(ir.from_proto(ctx.stage1), ctx.ranges, exclude=keep, target=ctx.config.resolved_target)
+    record_target(ctx.outcome.model, ctx.config.resolved_target)
     reasons = ctx.outcome.plan.float_reasons
     reasons.update({p["node"]: PROTECTED_REASON for p in ctx.protected})
     reasons.update(ctx.keep_float)
     return f"{len(ctx.outcome.plan.quantized_nodes)} nodes quantized"
-
-
-def _x86_int8(ctx: Context) -> bool:
-    return ctx.config.activation_dtype == "int8" and platform.machine().lower() in ("x86_64", "amd64")
-
-
-def _advise_uint8(ctx: Context) -> None:
-    ctx.notes.append("onnxruntime on x86 fuses uint8 activations into integer kernels where int8 often "
-                     "stays float (DQ/Q around float ops); for CPU deployment try `activation_dtype` uint8")
 
 
 QUANTIZE = (
@@ -300,6 +294,17 @@ def _write_model(ctx: Context) -> str:
     return f"{size} bytes"
 
 
+def _fusion_report(ctx: Context) -> str | None:
+    """Which quantized nodes onnxruntime runs in integer kernels, from its optimized graph."""
+    ctx.fusion = fusion_report(ctx.outcome.model, ctx.outcome.plan)
+    if ctx.fusion is None:
+        return None
+    note = ctx.fusion.note()
+    if note:
+        ctx.notes.append(note)
+    return f"{ctx.fusion.integer} of {ctx.fusion.quantized} quantized nodes in integer kernels"
+
+
 def _summarize(ctx: Context) -> None:
     ctx.summary = build_summary(ctx)
 
@@ -330,10 +335,10 @@ PREPARE = (
 )
 FINISH = (
     Step("refuse_float_copy", "quantize", _refuse_float_copy),
-    Step("advise_uint8", "quantize", _advise_uint8, _x86_int8),
     Step("tensor_report", "report", _tensor_report, lambda ctx: ctx.config.report_samples > 0),
     Step("save_ranges", "write", _save_ranges, lambda ctx: ctx.outputs.save_ranges is not None),
     Step("write_model", "write", _write_model, lambda ctx: ctx.outputs.model is not None),
+    Step("fusion_report", "report", _fusion_report, lambda ctx: ctx.config.resolved_target.report_fusion),
     Step("summarize", "write", _summarize),
     Step("write_report", "write", _write_report, lambda ctx: ctx.outputs.report is not None),
     Step("commit", "write", _commit),
@@ -380,6 +385,7 @@ def quantize_model(
     config: QuantizationConfig | None = None,
     percentage: float | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    target=None,
     activation_dtype: str | None = None,
     weight_range: str | None = None,
     exclude: Iterable[str] | None = None,
@@ -402,9 +408,11 @@ def quantize_model(
     ``exclude``: node names, op types or fnmatch globs to keep float.  ``protect`` keeps
     float the shared-parameter nodes whose one scale would crush a tensor (protect.py).
     ``report_samples`` > 0 adds ``summary["tensors"]``: per-tensor SQNR on that many samples.
+    ``target``: the backend (default "ort-cpu", resolved for this machine; "tensorrt",
+    "tflite", or a target file); ``activation_dtype``/``weight_range`` override its choice.
     """
     config = QuantizationConfig.build(
-        config, method=method, percentile=percentage, input_shapes=input_shapes,
+        config, method=method, percentile=percentage, input_shapes=input_shapes, target=target,
         activation_dtype=activation_dtype, weight_range=weight_range, exclude=exclude,
         show_progress=show_progress, range_overrides=range_overrides, protect=protect,
         report_samples=report_samples)

@@ -20,15 +20,15 @@ imaginary parts at 79 %; the power spectrum sits at 97-98 %.)
 from __future__ import annotations
 
 import collections
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
-from .qdq.params import activation_params
+from .qdq.params import spec_params
 from .qdq.plan import QuantPlan, _activation_indices, _is_constant, build_plan
-from .qdq.rules import RULES, SHARED
+from .qdq.rules import SHARED
 
 MIN_STEPS = 8  # a member narrower than this many steps of the shared scale is destroyed
 DOMINANT_SHARE = 0.5  # ... when another member spans at least this share of the union
@@ -62,7 +62,7 @@ def _crushed_members(plan: QuantPlan, own: Mapping, dtype: str, min_steps: float
             continue
         low = min(min(own[m][0] for m in members), 0.0)
         high = max(max(own[m][1] for m in members), 0.0)
-        scale = float(activation_params(low, high, dtype).scale)
+        scale = float(spec_params(low, high, dtype).scale)
         width = {m: own[m][1] - own[m][0] for m in members}
         widest = max(members, key=lambda m: (width[m], m))
         if width[widest] < DOMINANT_SHARE * (high - low):
@@ -84,7 +84,7 @@ def underflow_share(stats, low: float, high: float, dtype: str) -> float | None:
     hist = stats.histogram()
     if hist.counts.size == 0:
         return None
-    scale = float(activation_params(min(low, 0.0), max(high, 0.0), dtype).scale)
+    scale = float(spec_params(min(low, 0.0), max(high, 0.0), dtype).scale)
     if scale <= 0:
         return None
     counts = hist.counts
@@ -109,7 +109,9 @@ def _underflowing(plan: QuantPlan, own: Mapping, statistics: Mapping, dtype: str
         why = (f"'{tensor}' range [{low:.3g}, {high:.3g}]: {share:.0%} of its nonzero values round to 0 "
                "at its int8 scale")
         for node in plan.quantized_nodes:
-            touched = [node.inputs[i].name for i in _activation_indices(node)] + [v.name for v in node.outputs]
+            indices = _activation_indices(node, plan.rules) if node.op_type in plan.rules else []
+            touched = [node.inputs[i].name for i in indices]
+            touched += [v.name for v in node.outputs]
             if tensor in touched:
                 found.setdefault(node.name, why)
     return found
@@ -121,9 +123,9 @@ def _joining_nodes(plan: QuantPlan, crushed: Mapping[str, str]) -> dict[str, tup
     output) or come from (a Split's input): protection helps only if it stays float."""
     found = {}
     for node in plan.quantized_nodes:
-        if RULES[node.op_type].output != SHARED:
+        if node.op_type not in plan.rules or plan.rules[node.op_type].output != SHARED:
             continue
-        inputs = [node.inputs[i].name for i in _activation_indices(node)]
+        inputs = [node.inputs[i].name for i in _activation_indices(node, plan.rules)]
         outputs = [v.name for v in node.outputs]
         touched = [t for t in inputs + outputs if t in plan.tensors]
         small = [t for t in touched if t in crushed]
@@ -134,7 +136,7 @@ def _joining_nodes(plan: QuantPlan, crushed: Mapping[str, str]) -> dict[str, tup
 
 def find_protected(model: onnx.ModelProto | ir.Model, ranges: Mapping, exclude: Iterable[str] = (),
                    activation_dtype: str = "int8", min_steps: float = MIN_STEPS,
-                   statistics: Mapping | None = None) -> tuple[list[dict], list[str]]:
+                   statistics: Mapping | None = None, target=None) -> tuple[list[dict], list[str]]:
     """([{"node", "reason"}] to keep float, [notes]) given the calibrated ``ranges`` (and the
     calibration ``statistics`` with histograms, for the underflow check).
 
@@ -142,12 +144,16 @@ def find_protected(model: onnx.ModelProto | ir.Model, ranges: Mapping, exclude: 
     Concat feeding a Conv, which quantizes the concatenation with the union range anyway)
     it is left quantized and a note says which tensor is crushed.  Repeats until no new
     node is found (leaving a node float splits its group, which can expose another one).
+    With a ``target``, its placement and activation parameters are used (its activation
+    spec replaces ``activation_dtype``).
     """
+    if target is not None:
+        activation_dtype = target.activations
     ir_model = model if isinstance(model, ir.Model) else ir.from_proto(model)
     skip = set(exclude)
     protected, notes, declined = [], [], set()
     for _ in range(len(ir_model.graph) + 1):
-        plan = build_plan(ir_model, skip)
+        plan = build_plan(ir_model, skip, target)
         own = member_ranges(plan, ranges)
         found = _joining_nodes(plan, _crushed_members(plan, own, activation_dtype, min_steps))
         found = {name: v for name, v in found.items() if name not in skip and name not in declined}
@@ -159,7 +165,7 @@ def find_protected(model: onnx.ModelProto | ir.Model, ranges: Mapping, exclude: 
             protected += [{"node": name, "reason": why} for name, why in sorted(underflow.items())]
             skip |= set(underflow)
             continue
-        after = build_plan(ir_model, skip | set(found))
+        after = build_plan(ir_model, skip | set(found), target)
         for name, (reason, far_side) in sorted(found.items()):
             still = [t for t in far_side if t in after.tensors]
             if still:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 import onnx
 import onnx_ir as ir
@@ -14,13 +14,9 @@ from .checks import refuse_quantized
 from .errors import InternalError, UsageError, first_line
 from .model_io import fits_in_protobuf, load_model
 from .qdq.insert import insert_qdq
-from .qdq.params import (
-    ACTIVATION_DTYPES,
-    WEIGHT_QMAX,
-    ActivationParams,
-    resolve_weight_range,
-)
+from .qdq.params import ActivationParams, resolve_weight_range
 from .qdq.plan import QuantPlan, build_plan
+from .targets import ACTIVATION_DTYPES, WEIGHT_QMAX, Target, TargetError, load_target
 
 
 @dataclass
@@ -29,13 +25,14 @@ class QuantizeOutcome:
     plan: QuantPlan
     params: dict[str, ActivationParams]
     weight_range: str
+    target: Target | None = None
 
 
-def _plan_with_ranges(model: ir.Model, ranges: Mapping, exclude: set[str]) -> QuantPlan:
+def _plan_with_ranges(model: ir.Model, ranges: Mapping, exclude: set[str], target: Target) -> QuantPlan:
     """Build the plan; nodes touching a tensor with no range fall back to float."""
     skip, reasons = set(exclude), {}
     while True:
-        plan = build_plan(model, skip)
+        plan = build_plan(model, skip, target)
         missing = {t for t in plan.calibrated_tensors if t not in ranges}
         if not missing:
             plan.float_reasons.update(reasons)
@@ -63,17 +60,38 @@ def validate_ranges(ranges: Mapping) -> dict[str, tuple[float, float]]:
     return checked
 
 
-def insert(ir_model: ir.Model, ranges: Mapping, activation_dtype: str = "int8",
-           exclude: Iterable[str] = (), weight_range: str = "auto") -> QuantizeOutcome:
-    """Plan and insert Q/DQ into ``ir_model`` (a stage-1 model, changed in place)."""
-    if activation_dtype not in ACTIVATION_DTYPES:
+def resolve_target(target, activation_dtype: str | None = None, weight_range: str | None = None) -> Target:
+    """The target to quantize for, with the overrides checked against its constraints.
+
+    ``target`` None is the placement of the low-level API before targets existed: the
+    TFLite op table with any activation dtype (default int8) and weight range ("auto":
+    this machine's onnxruntime CPU choice)."""
+    from dataclasses import replace
+
+    if activation_dtype is not None and activation_dtype not in ACTIVATION_DTYPES:
         raise UsageError(f"`activation_dtype` must be one of {', '.join(ACTIVATION_DTYPES)}, got {activation_dtype!r}")
-    if weight_range not in (*WEIGHT_QMAX, "auto"):
+    if weight_range is not None and weight_range not in (*WEIGHT_QMAX, "auto"):
         raise UsageError(f"`weight_range` must be full, reduced or auto, got {weight_range!r}")
-    weight_range = resolve_weight_range(weight_range)
+    try:
+        if target is None:
+            base = load_target("tflite")
+            base = replace(base, name="tflite-ops", requested="(none)",
+                           activations=replace(base.activations, dtypes=ACTIVATION_DTYPES),
+                           weights=replace(base.weights, ranges=tuple(WEIGHT_QMAX)))
+            return base.choose(activation_dtype or "int8", resolve_weight_range(weight_range or "auto"))
+        return load_target(target).choose(activation_dtype, weight_range)
+    except TargetError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def insert(ir_model: ir.Model, ranges: Mapping, activation_dtype: str | None = None,
+           exclude: Iterable[str] = (), weight_range: str | None = None, target=None) -> QuantizeOutcome:
+    """Plan and insert Q/DQ into ``ir_model`` (a stage-1 model, changed in place) for
+    ``target`` (a name, file or Target; see ``resolve_target`` for None)."""
+    target = resolve_target(target, activation_dtype, weight_range)
     ranges = validate_ranges(ranges)
-    plan = _plan_with_ranges(ir_model, ranges, set(exclude))
-    params = insert_qdq(ir_model, plan, ranges, activation_dtype, WEIGHT_QMAX[weight_range])
+    plan = _plan_with_ranges(ir_model, ranges, set(exclude), target)
+    params = insert_qdq(ir_model, plan, ranges)
     ir_passes.RemoveUnusedNodesPass()(ir_model)
     ir_passes.TopologicalSortPass()(ir_model)
     out = ir.to_proto(ir_model)
@@ -82,22 +100,23 @@ def insert(ir_model: ir.Model, ranges: Mapping, activation_dtype: str = "int8",
             onnx.checker.check_model(out, full_check=True)
     except Exception as exc:
         raise InternalError(f"the quantized model fails onnx.checker: {first_line(exc)}") from exc
-    return QuantizeOutcome(out, plan, params, weight_range)
+    return QuantizeOutcome(out, plan, params, target.weights.range, target)
 
 
-def quantize_with_plan(model, ranges: Mapping, activation_dtype: str = "int8",
-                       exclude: Iterable[str] = (), weight_range: str = "auto") -> QuantizeOutcome:
+def quantize_with_plan(model, ranges: Mapping, activation_dtype: str | None = None,
+                       exclude: Iterable[str] = (), weight_range: str | None = None,
+                       target=None) -> QuantizeOutcome:
     """``insert`` on a stage-1 model given as a path or ModelProto (refused if quantized)."""
     proto = load_model(model)
     refuse_quantized(proto)
-    return insert(ir.from_proto(proto), ranges, activation_dtype, exclude, weight_range)
+    return insert(ir.from_proto(proto), ranges, activation_dtype, exclude, weight_range, target)
 
 
-def quantize(model, ranges: Mapping, activation_dtype: str = "int8",
-             exclude: Iterable[str] = (), weight_range: str = "auto") -> onnx.ModelProto:
+def quantize(model, ranges: Mapping, activation_dtype: str | None = None,
+             exclude: Iterable[str] = (), weight_range: str | None = None, target=None) -> onnx.ModelProto:
     """Insert QDQ into a stage-1 model given ``{tensor: (min, max)}`` activation ranges.
 
     ``weight_range``: "full" ([-127, 127], the TFLite spec), "reduced" ([-63, 63], exact on
     x86 CPUs without VNNI), or "auto" (full where the local CPU has VNNI or is not x86).
     """
-    return quantize_with_plan(model, ranges, activation_dtype, exclude, weight_range).model
+    return quantize_with_plan(model, ranges, activation_dtype, exclude, weight_range, target).model

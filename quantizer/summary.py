@@ -82,6 +82,8 @@ class Summary(Mapping):
     fidelity: dict | None = None
     io: tuple[dict, ...] = ()
     autotune: dict | None = None
+    target: dict | None = None  # the resolved target (targets.Target.as_dict())
+    fusion: dict | None = None  # what onnxruntime runs in integer kernels (fusion.FusionReport)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -91,7 +93,7 @@ class Summary(Mapping):
             "calibration": self.calibration.as_dict(), "protected": [dict(p) for p in self.protected],
             "steps": [dict(s) for s in self.steps], "versions": dict(self.versions),
         }
-        for name in ("input", "output", "tensors", "report_samples", "fidelity", "autotune"):
+        for name in ("input", "output", "tensors", "report_samples", "fidelity", "autotune", "target", "fusion"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -163,4 +165,6 @@ def build_summary(ctx) -> Summary:
         tensors=report.get("tensors"), report_samples=report.get("report_samples"),
         fidelity=written.fidelity.as_dict() if written is not None and written.fidelity is not None else None,
         io=tuple(ctx.io), autotune=ctx.autotune,
+        target=outcome.target.as_dict() if outcome.target is not None else None,
+        fusion=ctx.fusion.as_dict() if ctx.fusion is not None else None,
     )

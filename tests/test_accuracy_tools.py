@@ -98,7 +98,8 @@ def _sqnr(reference, approx):
 def test_tensor_report_matches_an_independent_numpy_computation():
     model = mlp_model()
     samples = samples_of((5, 8), count=6)
-    result = quantize_model(model, samples, weight_range="full", report_samples=3, show_progress=False)
+    result = quantize_model(model, samples, activation_dtype="int8", weight_range="full", report_samples=3,
+                            show_progress=False)
     entries = {e["tensor"]: e for e in result.summary["tensors"]}
     assert set(entries) == {"x", "r", "y"} and result.summary["report_samples"] == 3
 

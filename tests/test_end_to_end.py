@@ -61,7 +61,7 @@ def test_console_script_and_module_entry_points(tmp_path, digits_test):
     stages = {"optimize", "calibrate", "quantize"}
     assert stages <= set(data["seconds"]) <= stages | {"report", "write"}
     ran = [s["step"] for s in data["steps"]]
-    assert ran[:3] == ["load", "refuse_quantized", "check_outputs"] and ran[-1] == "write_model"  # summarize sees those before it
+    assert ran[:3] == ["load", "refuse_quantized", "check_outputs"] and "write_model" in ran  # summarize sees those before it
     assert data["size_bytes"]["after"] == out.stat().st_size < data["size_bytes"]["before"]
     onnx.checker.check_model(onnx.load(out), full_check=True)
     assert top1(SAMPLE_MODEL, x, y) - top1(out, x, y) <= 0.01

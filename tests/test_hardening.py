@@ -79,8 +79,8 @@ def test_a_stage1_that_changes_outputs_falls_back_then_refuses(monkeypatch):
     samples = [RNG.normal(size=(1, 1, 8, 8)).astype(np.float32) for _ in range(4)]
     real = pipeline_module.optimize_model
 
-    def breaks_when_optimizing(model, shapes=None, *, conservative=False):
-        out = real(model, shapes, conservative=conservative)
+    def breaks_when_optimizing(model, shapes=None, *, conservative=False, **options):
+        out = real(model, shapes, conservative=conservative, **options)
         if not conservative:  # a rewrite gone wrong: the first Conv's weights doubled
             w = next(i for i in out.graph.initializer if len(i.dims) == 4)
             w.CopyFrom(onnx.numpy_helper.from_array(2 * onnx.numpy_helper.to_array(w), w.name))
@@ -94,7 +94,7 @@ def test_a_stage1_that_changes_outputs_falls_back_then_refuses(monkeypatch):
     want, got = _run_plain(onnx.load(SAMPLE_MODEL), {"input": x}), _run_plain(result.model, {"input": x})
     assert np.abs(got["logits"] - want["logits"]).max() < 0.25 * np.abs(want["logits"]).max()
 
-    def always_broken(model, shapes=None, *, conservative=False):
+    def always_broken(model, shapes=None, *, conservative=False, **options):
         out = real(model, shapes, conservative=conservative)
         w = next(i for i in out.graph.initializer if len(i.dims) == 4)
         w.CopyFrom(onnx.numpy_helper.from_array(2 * onnx.numpy_helper.to_array(w), w.name))

@@ -71,7 +71,7 @@ def branchy(request):
 
 @pytest.fixture(scope="module")
 def branchy_int8():
-    return quantize_model(branchy_model(), SAMPLES, show_progress=False).model
+    return quantize_model(branchy_model(), SAMPLES, activation_dtype="int8", show_progress=False).model
 
 
 @pytest.mark.parametrize("requested", [TensorType.UINT8, TensorType.INT8])

@@ -33,7 +33,7 @@ from ..text import format_summary, warnings
 @click.option("--optimize-only", is_flag=True, help="Write the stage-1 (optimized float) model only.")
 @options.report_samples
 @options.min_sqnr
-def run(model, method, data, output, percentage, activation_dtype, weight_range, exclude, no_protect, report,
+def run(model, method, data, output, target, percentage, activation_dtype, weight_range, exclude, no_protect, report,
         quiet, input_shapes, debug, save_calibration, load_calibration, save_ranges, ranges_file, input_types,
         output_types, input_ranges, optimize_only, report_samples, min_sqnr):
     """Optimize, calibrate and quantize MODEL to int8 QDQ ONNX."""
@@ -53,7 +53,8 @@ def run(model, method, data, output, percentage, activation_dtype, weight_range,
             raise UsageError("--data is required: a folder of .npy/.npz calibration samples "
                              "(or --load-calibration STATE / --ranges JSON)")
         config = QuantizationConfig(
-            method=method, percentile=percentage, input_shapes=shapes, activation_dtype=activation_dtype,
+            method=method, percentile=percentage, input_shapes=shapes, target=target,
+            activation_dtype=activation_dtype,
             weight_range=weight_range, exclude=exclude, protect=not no_protect,
             report_samples=report_samples if report else 0, range_overrides=overrides,
             show_progress=False if quiet else None,

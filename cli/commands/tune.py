@@ -28,7 +28,7 @@ from ..text import format_summary, format_trial, warnings
 @click.option("--report-samples", default=4, show_default=True, type=click.IntRange(min=1),
               help="Calibration samples for the per-tensor SQNR that ranks the fallback nodes.")
 @options.min_sqnr
-def tune(model, eval_script, tolerable_loss, max_trials, methods, data, output, percentage, activation_dtype,
+def tune(model, eval_script, tolerable_loss, max_trials, methods, data, output, target, percentage, activation_dtype,
          weight_range, exclude, no_protect, report, quiet, input_shapes, debug, report_samples, min_sqnr):
     """Quantize MODEL trying methods, then float fallbacks, until the metric of --eval is
     within --tolerable-loss of the float model's."""
@@ -41,7 +41,7 @@ def tune(model, eval_script, tolerable_loss, max_trials, methods, data, output, 
         eval_fn = script_evaluator(eval_script)
         out = output or default_output(model, "int8")
         result = autotune(model, data, eval_fn, tolerable_loss, max_trials, list(methods) or list(DEFAULT_METHODS),
-                          input_shapes=options.parse_shapes(input_shapes), activation_dtype=activation_dtype,
+                          input_shapes=options.parse_shapes(input_shapes), target=target, activation_dtype=activation_dtype,
                           weight_range=weight_range, exclude=exclude, protect=not no_protect,
                           percentage=percentage, report_samples=report_samples,
                           show_progress=False if quiet else None,

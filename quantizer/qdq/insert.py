@@ -3,7 +3,7 @@ with a DequantizeLinear for weights, biases and constant operands."""
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -11,9 +11,9 @@ import onnx_ir as ir
 from ..naming import UniqueNames
 from .params import (
     ActivationParams,
-    activation_params,
     quantize_bias,
     quantize_weight,
+    spec_params,
     weight_scales,
     widen_for_bias,
 )
@@ -52,8 +52,9 @@ class _Writer:
         return ir.Node("", "DequantizeLinear", inputs, attrs, outputs=[out], name=self.names(f"{base}_DequantizeLinear"))
 
 
-def group_params(plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], dtype: str) -> dict[str, ActivationParams]:
-    """One parameter set per shared group, from the union of its members' ranges."""
+def group_params(plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], dtype) -> dict[str, ActivationParams]:
+    """One parameter set per shared group, from the union of its members' ranges.
+    ``dtype``: a dtype name or the target's activation spec (symmetric, scale rule)."""
     group_range: dict[str, tuple[float, float]] = {}
     for name, value in plan.tensors.items():
         if name in plan.fixed_ranges:
@@ -66,16 +67,24 @@ def group_params(plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], dty
         root = plan.group(name)
         old = group_range.get(root, (low, high))
         group_range[root] = (min(old[0], low), max(old[1], high))
-    by_group = {root: activation_params(*r, dtype) for root, r in group_range.items()}
+    by_group = {root: spec_params(*r, dtype) for root, r in group_range.items()}
     return {name: by_group[plan.group(name)] for name in plan.tensors}
 
 
 def insert_qdq(model: ir.Model, plan: QuantPlan, ranges: Mapping[str, tuple[float, float]],
-               activation_dtype: str = "int8", weight_qmax: int = 127) -> dict[str, ActivationParams]:
-    """Apply ``plan`` to ``model`` in place; returns the parameters of every Q/DQ tensor."""
+               activation_dtype: str | None = None, weight_qmax: int | None = None) -> dict[str, ActivationParams]:
+    """Apply ``plan`` to ``model`` in place; returns the parameters of every Q/DQ tensor.
+
+    Parameters follow the plan's target (its activation spec and weight range);
+    ``activation_dtype`` / ``weight_qmax`` override them (asymmetric, no scale rule).
+    """
     graph = model.graph
     writer = _Writer(graph)
-    params = group_params(plan, ranges, activation_dtype)
+    target = plan.target
+    spec = activation_dtype if activation_dtype is not None else target.activations
+    weight_qmax = weight_qmax if weight_qmax is not None else target.weights.qmax
+    weight_rule = target.weights.scale
+    params = group_params(plan, ranges, spec)
     biases = {(id(slot.node), slot.index): bias_index for _, bias_index, slot in plan.biases}
 
     # Weights and biases first: they read the input tensors' names before Q/DQ renames.
@@ -84,12 +93,16 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, ranges: Mapping[str, tuple[floa
         weight_value = node.inputs[index]
         weight = weight_value.const_value.numpy().astype(np.float32)
         scales = weight_scales(weight, axis, weight_qmax)
+        if not weight_rule.is_identity:
+            scales = weight_rule.apply(scales)
         bias_index = biases.get((id(node), index))
         if bias_index is not None:
             bias_value = node.inputs[bias_index]
             bias = bias_value.const_value.numpy().astype(np.float32)
             input_scale = params[node.inputs[0].name].scale
             scales = widen_for_bias(scales, bias, input_scale)
+            if not weight_rule.is_identity:
+                scales = weight_rule.apply(scales)
         q_weight = writer.constant(f"{weight_value.name}_quantized", quantize_weight(weight, scales, axis, weight_qmax))
         dq = writer.dequantize(weight_value.name, q_weight, scales, np.zeros(scales.shape, np.int8), axis, weight_value)
         graph.insert_before(node, dq)
@@ -110,6 +123,7 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, ranges: Mapping[str, tuple[floa
         graph.insert_before(node, dq)
         node.replace_input_with(index, dq.outputs[0])
 
+    quantized: dict[str, ir.Value] = {}
     for name, value in plan.tensors.items():
         if _is_constant(value):
             continue
@@ -133,6 +147,7 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, ranges: Mapping[str, tuple[floa
             dq_out.name = original
         q = ir.Node("", "QuantizeLinear", [value, scale, zero_point], outputs=[q_out],
                     name=writer.names(f"{name}_QuantizeLinear"))
+        quantized[name] = q_out
         dq = ir.Node("", "DequantizeLinear", [q_out, scale, zero_point], outputs=[dq_out],
                      name=writer.names(f"{name}_DequantizeLinear"))
         producer = value.producer()
@@ -140,4 +155,23 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, ranges: Mapping[str, tuple[floa
             graph.insert_after(producer, [q, dq])
         else:
             graph.insert_before(graph.node(0), [q, dq])
+    _fold_rescales(graph, writer, plan, params, quantized)
     return params
+
+
+def _fold_rescales(graph: ir.Graph, writer: _Writer, plan: QuantPlan, params: Mapping[str, ActivationParams],
+                   quantized: Mapping[str, ir.Value]) -> None:
+    """Each folded Mul(x, c) becomes DequantizeLinear(Q(x), scale * c): the same values, no op."""
+    values = {v.name: v for node in graph for v in node.outputs}
+    for name, (source, factor) in plan.rescaled.items():
+        value = values.get(name)
+        if value is None or source not in quantized:
+            continue
+        p = params[source]
+        scale = writer.constant(f"{name}_scale", np.float32(np.float32(p.scale) * np.float32(factor)))
+        zero_point = writer.constant(f"{name}_zero_point", p.zero_point)
+        dq_out = ir.Value(name=writer.names(f"{name}_dequantized"), type=value.type, shape=value.shape)
+        dq = ir.Node("", "DequantizeLinear", [quantized[source], scale, zero_point], outputs=[dq_out],
+                     name=writer.names(f"{name}_DequantizeLinear"))
+        graph.insert_after(quantized[source].producer(), dq)
+        value.replace_all_uses_with(dq_out)

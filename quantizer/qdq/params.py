@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,15 +26,30 @@ class ActivationParams:
         return np.clip(q, info.min, info.max).astype(self.zero_point.dtype)
 
 
-def activation_params(low: float, high: float, dtype: str = "int8") -> ActivationParams:
-    """Asymmetric per-tensor parameters; the range is widened to include 0 exactly."""
+def activation_params(low: float, high: float, dtype: str = "int8", *, symmetric: bool = False,
+                      scale_rule=None) -> ActivationParams:
+    """Per-tensor parameters; the range is widened to include 0 exactly.
+
+    ``symmetric``: zero point 0 and scale = max(|low|, |high|) / 127 (TensorRT; int8 only).
+    ``scale_rule``: a targets.ScaleRule (power-of-two or minimum scale), applied before the
+    zero point is chosen, so the range only grows.
+    """
     np_dtype = ACTIVATION_DTYPES[dtype]
     info = np.iinfo(np_dtype)
     low, high = min(float(low), 0.0), max(float(high), 0.0)
-    scale = np.float32((high - low) / (info.max - info.min))
+    if symmetric:
+        if np_dtype is not np.int8:
+            raise ValueError("symmetric activations are int8 (zero point 0)")
+        scale = np.float32(max(-low, high) / info.max)
+    else:
+        scale = np.float32((high - low) / (info.max - info.min))
     if not np.isfinite(scale) or scale <= _TINY:
         scale = np.float32(1.0)  # an all-zero tensor: any scale represents it exactly
-    if high > 0 and abs(low + high) <= 1e-7 * high:
+    if scale_rule is not None and not scale_rule.is_identity:
+        scale = np.float32(scale_rule.apply(scale))
+    if symmetric:
+        zero_point = 0
+    elif high > 0 and abs(low + high) <= 1e-7 * high and (scale_rule is None or scale_rule.is_identity):
         # A symmetric range [-a, a]: the exact zero point is the grid's midpoint minus a
         # half step; pick it deterministically instead of by float rounding noise.
         zero_point = (info.min + info.max + 1) // 2
@@ -45,20 +59,14 @@ def activation_params(low: float, high: float, dtype: str = "int8") -> Activatio
 
 
 def resolve_weight_range(weight_range: str) -> str:
-    """'auto' -> 'full' where onnxruntime's int8 kernels cannot saturate, else 'reduced'."""
+    """'auto' -> the weight range of this machine's onnxruntime CPU target."""
     if weight_range in WEIGHT_QMAX:
         return weight_range
     if weight_range != "auto":
         raise ValueError(weight_range)
-    machine = platform.machine().lower()
-    if machine not in ("x86_64", "amd64", "i686", "x86"):
-        return "full"
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as handle:
-            flags = handle.read()
-    except OSError:
-        return "reduced"
-    return "full" if ("avx512_vnni" in flags or "avx_vnni" in flags) else "reduced"
+    from ..targets import load_target
+
+    return load_target("ort-cpu").weights.range
 
 
 def weight_scales(weight: np.ndarray, axis: int | None, qmax: int = 127) -> np.ndarray:
@@ -95,3 +103,11 @@ def quantize_bias(bias: np.ndarray, input_scale: float, w_scales: np.ndarray) ->
     scales = (np.float32(input_scale) * w_scales).astype(np.float32)
     q = np.round(bias.astype(np.float64) / scales.astype(np.float64))
     return np.clip(q, -INT32_MAX, INT32_MAX).astype(np.int32), scales
+
+
+def spec_params(low: float, high: float, spec) -> ActivationParams:
+    """``activation_params`` under a target's activation spec (``targets.ActivationSpec``),
+    or a plain dtype name (asymmetric, no scale rule)."""
+    if isinstance(spec, str):
+        return activation_params(low, high, spec)
+    return activation_params(low, high, spec.dtype, symmetric=spec.symmetric, scale_rule=spec.scale)

@@ -7,21 +7,23 @@ never disagree about tensor names.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from ..subgraphs import HAS_SUBGRAPHS, has_subgraphs
-from .rules import (
-    ABSORBED_ACTIVATIONS,
-    RULES,
-    SHARED,
-    UNIT_INTERVAL,
-    weight_axis,
-)
+from .rules import FIXED_RANGES, SHARED, OpRule, weight_axis
 
 UNIT_RANGE = (0.0, 1.0)
+
+
+def _default_target():
+    from ..targets import load_target
+
+    return load_target("tflite")  # the TFLite int8 placement, for callers that name no target
 
 
 @dataclass
@@ -42,6 +44,10 @@ class QuantPlan:
     weights: list[WeightSlot] = field(default_factory=list)
     biases: list[tuple[ir.Node, int, WeightSlot]] = field(default_factory=list)
     parent: dict[str, str] = field(default_factory=dict)  # union-find over shared params
+    # Mul by a positive scalar folded into a DequantizeLinear: output -> (source, factor)
+    rescaled: dict[str, tuple[str, float]] = field(default_factory=dict)
+    rules: Mapping[str, OpRule] = field(default_factory=dict)  # the target's op table
+    target: Any = None  # targets.Target the plan was made for
 
     def group(self, name: str) -> str:
         root = name
@@ -79,20 +85,20 @@ def _attrs(node: ir.Node) -> dict:
     return {name: attr.value for name, attr in node.attributes.items()}
 
 
-def _activation_indices(node: ir.Node) -> list[int]:
-    rule = RULES[node.op_type]
+def _activation_indices(node: ir.Node, rules: Mapping[str, OpRule]) -> list[int]:
+    rule = rules[node.op_type]
     indices = range(len(node.inputs)) if rule.activations is None else rule.activations
     return [i for i in indices if i < len(node.inputs) and node.inputs[i] is not None]
 
 
-def _ineligible_reason(node: ir.Node) -> str | None:
+def _ineligible_reason(node: ir.Node, target) -> str | None:
     if has_subgraphs(node):
         return HAS_SUBGRAPHS
     if node.domain not in ("", "ai.onnx"):
         return f"custom-domain op {node.domain}::{node.op_type}"
-    if node.op_type not in RULES:
-        return f"no int8 placement rule for {node.op_type}"
-    for i in _activation_indices(node):
+    if node.op_type not in target.ops:
+        return f"target {target.name} has no integer kernel for {node.op_type}"
+    for i in _activation_indices(node, target.ops):
         if node.inputs[i].dtype is None:
             return f"type of input '{node.inputs[i].name}' is unknown (not inferable, e.g. after a custom op)"
         if not _is_float(node.inputs[i]):
@@ -102,15 +108,15 @@ def _ineligible_reason(node: ir.Node) -> str | None:
     return None
 
 
-def _absorbing_activation(value: ir.Value, skip: set[str]) -> ir.Node | None:
-    """The lone Relu/Clip consuming ``value``, if onnxruntime can fold it into the Q."""
+def _absorbing_activation(value: ir.Value, skip: set[str], fused: frozenset[str]) -> ir.Node | None:
+    """The lone Relu/Clip consuming ``value``, if the backend folds it into the Q."""
     if value.is_graph_output():
         return None
     users = list(value.consumers())
     if len(users) != 1:
         return None
     user = users[0]
-    if user.op_type not in ABSORBED_ACTIVATIONS or user.domain not in ("", "ai.onnx"):
+    if user.op_type not in fused or user.domain not in ("", "ai.onnx"):
         return None
     if user.name in skip or not _is_float(user.outputs[0]):
         return None
@@ -141,30 +147,85 @@ def resolve_exclude(nodes: Iterable, patterns: Iterable[str]) -> tuple[set[str],
     return names, [p for p in patterns if p not in used]
 
 
-def build_plan(model: ir.Model, skip: Iterable[str] = frozenset()) -> QuantPlan:
-    """Plan the Q/DQ placement; nodes matched by ``skip`` (names, op types or globs, see
+def _scalar_factor(node: ir.Node, skip: set[str], rules: Mapping[str, OpRule]) -> tuple[ir.Value, float] | None:
+    """(source, c) for a Mul(source, c) whose c is one positive finite constant and whose
+    output has the source's shape: foldable into the scale of a DequantizeLinear."""
+    if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or node.name in skip:
+        return None
+    if len(node.inputs) != 2 or any(v is None for v in node.inputs) or has_subgraphs(node):
+        return None
+    source, const = node.inputs
+    if _is_constant(source) and not _is_constant(const):
+        source, const = const, source
+    if _is_constant(source) or not _is_constant(const) or not _is_float(source) or not _is_float(node.outputs[0]):
+        return None
+    array = const.const_value.numpy()
+    if array.size != 1 or (array.ndim > 0 and (source.shape is None or array.ndim > len(source.shape))):
+        return None  # a rank-raising constant would change the output's shape
+    factor = float(array.reshape(()))
+    out = node.outputs[0]
+    if not (np.isfinite(factor) and factor > 0) or out.is_graph_output():
+        return None
+    if any(u.op_type in rules and rules[u.op_type].output == SHARED for u in out.consumers()):
+        return None  # a shared-parameter consumer would need the scaled parameters as its own
+    return source, factor
+
+
+def build_plan(model: ir.Model, skip: Iterable[str] = frozenset(), target=None) -> QuantPlan:
+    """Plan the Q/DQ placement for ``target`` (a targets.Target; default: the TFLite int8
+    placement); nodes matched by ``skip`` (names, op types or globs, see
     ``resolve_exclude``) stay float ("excluded")."""
-    plan = QuantPlan()
+    target = target if target is not None else _default_target()
+    rules = target.ops
+    plan = QuantPlan(rules=rules, target=target)
     graph = model.graph
     skip, _ = resolve_exclude(graph, skip)
+    on_outputs = target.placement == "outputs"
+    fused = target.fused_activations if on_outputs else frozenset()
+    rescales: dict[str, tuple[ir.Node, ir.Value, float]] = {}
+    if target.fold_scalar_mul:
+        for node in graph:
+            found = _scalar_factor(node, skip, rules)
+            if found is not None:
+                rescales[node.outputs[0].name] = (node, *found)
+    rescale_nodes = {id(entry[0]) for entry in rescales.values()}
     candidates: list[ir.Node] = []
     for node in graph:
-        reason = "excluded" if node.name in skip else _ineligible_reason(node)
+        if id(node) in rescale_nodes:
+            continue  # decided by its source and its consumers, below
+        reason = "excluded" if node.name in skip else _ineligible_reason(node, target)
         if reason is None:
             candidates.append(node)
-        elif node.op_type not in ABSORBED_ACTIVATIONS or node.name in skip:
+        elif node.op_type not in fused or node.name in skip:
             plan.float_reasons[node.name] = reason
 
     def add_tensor(value: ir.Value) -> None:
         plan.tensors.setdefault(value.name, value)
         plan.parent.setdefault(value.name, value.name)
 
+    def rescale(value: ir.Value) -> str:
+        """Fold the scalar Mul making ``value``; returns the quantized tensor it reads."""
+        node, source, factor = rescales[value.name]
+        if value.name not in plan.rescaled:
+            if source.name in rescales:
+                root = rescale(source)
+                factor *= plan.rescaled[source.name][1]
+            else:
+                add_tensor(source)
+                root = source.name
+            plan.rescaled[value.name] = (root, factor)
+            plan.quantized_nodes.append(node)
+        return plan.rescaled[value.name][0]
+
     def quantize_inputs(node: ir.Node) -> list[str]:
-        rule = RULES[node.op_type]
+        rule = rules[node.op_type]
         names = []
-        for i in _activation_indices(node):
+        for i in _activation_indices(node, rules):
             value = node.inputs[i]
             if i == rule.weight and _is_constant(value):
+                continue
+            if value.name in rescales:
+                rescale(value)
                 continue
             add_tensor(value)
             names.append(value.name)
@@ -173,54 +234,66 @@ def build_plan(model: ir.Model, skip: Iterable[str] = frozenset()) -> QuantPlan:
         if rule.weight is not None and rule.weight < len(node.inputs):
             value = node.inputs[rule.weight]
             if _is_constant(value):
-                axis = weight_axis(node.op_type, _attrs(node), len(value.shape or ()))
+                axis = weight_axis(node.op_type, _attrs(node), len(value.shape or ())) if target.weights.per_channel else None
                 slot = WeightSlot(node, rule.weight, axis)
                 plan.weights.append(slot)
                 bias = node.inputs[rule.bias] if rule.bias is not None and rule.bias < len(node.inputs) else None
-                if bias is not None and _is_constant(bias) and _bias_fits(node, bias, value, axis):
+                if (target.bias == "int32" and bias is not None and _is_constant(bias)
+                        and _bias_fits(node, bias, value, axis)):
                     plan.biases.append((node, rule.bias, slot))
         return names
 
     # Anchors first: ops that compute in int8.  Shared-parameter ops (pass-through,
     # Concat, Resize) join only next to a quantized tensor, so float regions stay clean.
     for node in candidates:
-        rule = RULES[node.op_type]
+        rule = rules[node.op_type]
         if rule.output == SHARED:
             continue
         plan.quantized_nodes.append(node)
         quantize_inputs(node)
+        if not on_outputs:
+            continue
         for out in node.outputs:
-            if rule.output == UNIT_INTERVAL:
+            if rule.output in FIXED_RANGES:
                 add_tensor(out)
-                plan.fixed_ranges[out.name] = UNIT_RANGE
+                plan.fixed_ranges[out.name] = FIXED_RANGES[rule.output]
                 continue
-            absorbed = _absorbing_activation(out, set(skip))
+            absorbed = _absorbing_activation(out, set(skip), fused)
             if absorbed is not None:
                 plan.absorbed_nodes.append(absorbed)
                 add_tensor(absorbed.outputs[0])
             else:
                 add_tensor(out)
 
-    pending = [n for n in candidates if RULES[n.op_type].output == SHARED]
+    pending = [n for n in candidates if rules[n.op_type].output == SHARED]
     changed = True
     while changed:
         changed = False
         for node in list(pending):
-            touches = [v.name for v in node.outputs] + [node.inputs[i].name for i in _activation_indices(node)]
-            if not any(name in plan.tensors for name in touches):
+            touches = [v.name for v in node.outputs] + [node.inputs[i].name for i in _activation_indices(node, rules)]
+            if not any(name in plan.tensors or name in plan.rescaled for name in touches):
                 continue
             pending.remove(node)
             changed = True
             plan.quantized_nodes.append(node)
             names = quantize_inputs(node)
-            for out in node.outputs:
-                add_tensor(out)
-            plan.share(names + [out.name for out in node.outputs])
+            if on_outputs:
+                for out in node.outputs:
+                    add_tensor(out)
+                names += [out.name for out in node.outputs]
+            plan.share(names)
 
+    for name, (node, source, _) in rescales.items():
+        if name in plan.rescaled:
+            continue
+        if source.name in plan.tensors or source.name in plan.rescaled:
+            rescale(node.outputs[0])
+        else:
+            plan.float_reasons[node.name] = "scalar Mul between float tensors (no quantized tensor to fold it into)"
     for node in pending:
         plan.float_reasons[node.name] = "no quantized neighbour (would only add Q/DQ)"
     for node in graph:
-        if node.op_type in ABSORBED_ACTIVATIONS and node not in plan.absorbed_nodes:
+        if node.op_type in fused and node not in plan.absorbed_nodes:
             plan.float_reasons.setdefault(node.name, "runs in float (not after a quantized op)")
     return plan
 

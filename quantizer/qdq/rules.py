@@ -1,8 +1,11 @@
-"""The QDQ placement table: for each op type, which inputs are quantized and how.
+"""The vocabulary of Q/DQ placement: how one op type is quantized (``OpRule``) and the
+named shapes a target's op table is written in (``KINDS``).
 
-Every placement decision reads this table; there are no per-op special cases elsewhere.
-The shapes follow what onnxruntime fuses into integer kernels (QLinearConv, QGemm,
-QLinearMatMul, QLinearAdd/Mul, QLinearConcat, QLinearAveragePool, QLinearSigmoid, ...).
+Which ops a backend runs in integer arithmetic is the target's data
+(``quantizer/targets/presets/*.toml``); the plan reads ``target.ops`` and nothing else.
+The shapes follow the integer kernels the backends have: onnxruntime's QLinearConv,
+QGemm, QLinearMatMul, QLinearAdd/Mul, QLinearConcat, QLinearAveragePool, ...;
+TensorRT's Q/DQ-fused layers; the TFLite int8 kernels.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ from dataclasses import dataclass
 CALIBRATED = "calibrated"  # from the output's own calibrated range
 SHARED = "shared"  # the same parameters as the quantized inputs (pass-through, Concat)
 UNIT_INTERVAL = "unit_interval"  # fixed parameters covering [0, 1]
+SIGNED_UNIT = "signed_unit"  # fixed parameters covering [-1, 1] (Tanh)
+OUTPUTS = (CALIBRATED, SHARED, UNIT_INTERVAL, SIGNED_UNIT)
+FIXED_RANGES = {UNIT_INTERVAL: (0.0, 1.0), SIGNED_UNIT: (-1.0, 1.0)}
 
 
 @dataclass(frozen=True)
@@ -22,7 +28,7 @@ class OpRule:
     activations: input indices quantized per-tensor (None = every input).
     weight: input index quantized per-channel symmetric int8 when it is a constant.
     bias: input index quantized to int32 with scale = input scale x weight scale.
-    output: CALIBRATED, SHARED or UNIT_INTERVAL.
+    output: CALIBRATED, SHARED, UNIT_INTERVAL or SIGNED_UNIT.
     """
 
     activations: tuple[int, ...] | None
@@ -30,43 +36,25 @@ class OpRule:
     bias: int | None = None
     output: str = CALIBRATED
 
+    def as_dict(self) -> dict:
+        return {"inputs": "all" if self.activations is None else list(self.activations),
+                **({"weight": self.weight} if self.weight is not None else {}),
+                **({"bias": self.bias} if self.bias is not None else {}),
+                "output": self.output}
 
-_PASS_THROUGH = OpRule(activations=(0,), output=SHARED)
 
-RULES: dict[str, OpRule] = {
-    "Conv": OpRule(activations=(0,), weight=1, bias=2),
-    "ConvTranspose": OpRule(activations=(0,), weight=1, bias=2),
-    "Gemm": OpRule(activations=(0,), weight=1, bias=2),
-    "MatMul": OpRule(activations=(0, 1), weight=1),
-    "Add": OpRule(activations=None),
-    "Mul": OpRule(activations=None),
-    "Concat": OpRule(activations=None, output=SHARED),
-    "AveragePool": OpRule(activations=(0,)),
-    "GlobalAveragePool": OpRule(activations=(0,)),
-    "LeakyRelu": OpRule(activations=(0,)),
-    "Resize": OpRule(activations=(0,), output=SHARED),
-    "Sigmoid": OpRule(activations=(0,), output=UNIT_INTERVAL),
-    "HardSigmoid": OpRule(activations=(0,), output=UNIT_INTERVAL),
-    "Softmax": OpRule(activations=(0,), output=UNIT_INTERVAL),
-    **{
-        op: _PASS_THROUGH
-        for op in (
-            "Reshape",
-            "Transpose",
-            "Flatten",
-            "Squeeze",
-            "Unsqueeze",
-            "MaxPool",
-            "Slice",
-            "Split",
-            "Pad",
-        )
-    },
+# Named rule shapes, so a target file says `Conv = "weighted"` instead of spelling indices.
+KINDS: dict[str, OpRule] = {
+    "weighted": OpRule(activations=(0,), weight=1, bias=2),  # Conv, ConvTranspose, Gemm
+    "matmul": OpRule(activations=(0, 1), weight=1),  # either operand may be a constant weight
+    "elementwise": OpRule(activations=None),  # Add, Mul: every input, calibrated output
+    "concat": OpRule(activations=None, output=SHARED),  # one parameter set for all members
+    "unary": OpRule(activations=(0,)),  # AveragePool, LeakyRelu, ...: own output range
+    "pass_through": OpRule(activations=(0,), output=SHARED),  # Reshape, MaxPool, Gather, ...
+    "unit_interval": OpRule(activations=(0,), output=UNIT_INTERVAL),  # Sigmoid, Softmax
+    "signed_unit": OpRule(activations=(0,), output=SIGNED_UNIT),  # Tanh
+    "select": OpRule(activations=(1, 2), output=SHARED),  # Where: both branches, condition stays bool
 }
-
-# Activations that onnxruntime folds into the Q that follows them (ReluQuantFusion,
-# ClipQuantFusion): a quantized op followed only by one of these gets no Q/DQ in between.
-ABSORBED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 
 
 def weight_axis(op_type: str, attributes: dict, weight_rank: int) -> int | None:
