@@ -23,7 +23,7 @@ from onnxscript.rewriter.rules import common as common_rules
 from .checks import checker_failure, converter_failure, invalid_input
 from .errors import ModelError, UsageError
 from .model_io import fits_in_protobuf, load_model
-from .rewrites import apply_rewrites, check_rewrite_names
+from .rewrites import apply_rewrites, check_rewrite_names, wanted_opset
 from .runtime import highest_qdq_opset
 from .subgraphs import iter_graphs, repair_subgraph_outputs
 
@@ -187,6 +187,24 @@ def _ensure_opset(model: onnx.ModelProto) -> onnx.ModelProto:
                              f"{error}") from exc
         raise error from exc
     converted.ir_version = max(converted.ir_version, 7)  # IR < 4 wants initializers as inputs
+    return converted
+
+
+def _opset_for_rewrites(model: onnx.ModelProto, rewrites: Sequence[str]) -> onnx.ModelProto:
+    """Raise the opset so that the requested rewrites can produce their ops (LayerNormalization
+    needs 17, Gelu 20), where onnxruntime runs Q/DQ at that opset and the converter succeeds;
+    otherwise the model stays as it is (the rewrite just does not fire)."""
+    version = default_opset(model)
+    wanted = wanted_opset(rewrites, (n.op_type for g in iter_graphs(model.graph) for n in g.node))
+    if wanted <= version or highest_qdq_opset(wanted) < wanted or wanted > onnx.defs.onnx_opset_version():
+        return model
+    try:
+        converted = onnx.version_converter.convert_version(model, wanted)
+        if fits_in_protobuf(converted):
+            onnx.checker.check_model(converted)
+    except Exception:  # the converter lacks an adapter for some op: keep the model's opset
+        return model
+    converted.ir_version = max(converted.ir_version, 7)
     return converted
 
 
@@ -407,6 +425,8 @@ def optimize_model(model, input_shapes: Mapping[str, Sequence[int]] | None = Non
     rewrites = check_rewrite_names(rewrites)
     original = load_model(model)
     converted = _ensure_opset(original)
+    if rewrites and not conservative:
+        converted = _opset_for_rewrites(converted, rewrites)
     proto = _forget_declared_shapes(converted)
     _densify_sparse(proto)
     try:

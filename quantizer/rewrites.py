@@ -457,7 +457,22 @@ RULES: dict[str, list[pattern.RewriteRule]] = {
     "gelu": [_DecomposedGelu.rule(order, scale) for order in ("input", "gate", "last") for scale in ("Div", "Mul")],
 }
 
-RULES.update(LOWERING_RULES)  # lowerings into ops a backend runs in integer arithmetic
+RULES.update(LOWERING_RULES)
+
+# The opset a family's fused op needs, and the ops whose presence makes its pattern
+# possible: stage 1 raises an older model's opset to apply it (see optimize_model).
+OPSET_NEEDS: dict[str, tuple[int, frozenset[str]]] = {
+    "hardswish": (14, frozenset({"Clip", "Min", "Max", "HardSigmoid"})),
+    "layer_norm": (17, frozenset({"ReduceMean"})),
+    "gelu": (20, frozenset({"Erf"})),
+}
+
+
+def wanted_opset(names: Iterable[str], op_types: Iterable[str]) -> int:
+    """The lowest opset at which every named family whose trigger ops occur can fire (0: any)."""
+    present = set(op_types)
+    needs = [OPSET_NEEDS[n][0] for n in names if n in OPSET_NEEDS and OPSET_NEEDS[n][1] & present]
+    return max(needs, default=0)  # lowerings into ops a backend runs in integer arithmetic
 _RULE_SETS = {name: pattern.RewriteRuleSet(rules, commute=True) for name, rules in RULES.items()}
 
 
