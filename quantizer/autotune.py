@@ -54,8 +54,29 @@ class TuneResult(QuantizationResult):
     best: Trial | None = None
 
 
-def fallback_order(float_model: onnx.ModelProto, plan, entries: Sequence[dict]) -> list[str]:
-    """Quantized nodes, most damaging first, from a tensor report.
+def _requantizers(float_model: onnx.ModelProto, plan, tensor: str) -> list[str]:
+    """The quantized nodes that would quantize ``tensor`` even with its producer float:
+    its consumers in the stage-1 model that read it as a quantized input (directly, or
+    through a Mul folded into a DequantizeLinear scale).  (The plan's own nodes are
+    rewired by the Q/DQ insertion, so the stage-1 graph is read instead.)"""
+    names = {tensor} | {out for out, (source, _) in plan.rescaled.items() if source == tensor}
+    quantized = {n.name for n in plan.quantized_nodes}
+    found = []
+    for node in float_model.graph.node:
+        if node.name not in quantized or node.op_type not in plan.rules or set(node.output) & set(plan.rescaled):
+            continue
+        rule = plan.rules[node.op_type]
+        indices = range(len(node.input)) if rule.activations is None else rule.activations
+        if any(i < len(node.input) and i != rule.weight and node.input[i] in names for i in indices):
+            found.append(node.name)
+    return found
+
+
+def fallback_order(float_model: onnx.ModelProto, plan, entries: Sequence[dict]) -> list[list[str]]:
+    """Fallback units, most damaging first, from a tensor report: each unit is a quantized
+    node and the quantized consumers that would otherwise quantize its output anyway (with
+    Q/DQ placed after every quantized tensor, keeping one node float changes little while
+    its neighbours still quantize its tensors).
 
     A tensor's SQNR holds every error upstream of it, so the worst tensors are simply the
     deepest ones.  Rank a node instead by the SQNR it loses: the worst of its quantized
@@ -67,10 +88,14 @@ def fallback_order(float_model: onnx.ModelProto, plan, entries: Sequence[dict]) 
         return 0.0 if entry["mse"] else _CAP_DB  # all-zero signal with noise / exact or unmeasured
 
     db = {e["tensor"]: capped(e) for e in entries}
+    for out, (source, _) in plan.rescaled.items():  # a folded Mul: its source's values, scaled
+        if source in db:
+            db.setdefault(out, db[source])
     producers = {out: node for node in float_model.graph.node for out in node.output}
     quantized = {n.name for n in plan.quantized_nodes}
     absorbed = {n.name for n in plan.absorbed_nodes}
     damage: dict[str, float] = {}
+    damaged_tensor: dict[str, str] = {}
     for tensor, out_db in db.items():
         node = producers.get(tensor)
         if node is not None and node.name in absorbed:  # a folded Relu: its quantized op is upstream
@@ -78,8 +103,10 @@ def fallback_order(float_model: onnx.ModelProto, plan, entries: Sequence[dict]) 
         if node is None or node.name not in quantized:
             continue
         in_db = min((db[i] for i in node.input if i in db), default=_CAP_DB)
-        damage[node.name] = max(damage.get(node.name, -math.inf), in_db - out_db)
-    return sorted(damage, key=lambda name: (-damage[name], name))
+        if in_db - out_db > damage.get(node.name, -math.inf):
+            damage[node.name], damaged_tensor[node.name] = in_db - out_db, tensor
+    order = sorted(damage, key=lambda name: (-damage[name], name))
+    return [[name, *(c for c in _requantizers(float_model, plan, damaged_tensor[name]) if c != name)] for name in order]
 
 
 def _metric(value, what: str) -> float:
@@ -104,7 +131,7 @@ def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable
     ``tolerable_loss`` (relative) of the float model's.
 
     Trials: each of ``methods`` in order, then, on the method with the best metric, keep
-    float the first 1, 2, 4, 8, ... nodes of ``fallback_order`` (doubling, so a loss spread
+    float the first 1, 2, 4, 8, ... units of ``fallback_order`` (doubling, so a loss spread
     over many layers is reached within a few trials).  At most
     ``max_trials`` quantized models are evaluated (the float model is evaluated once
     more).  ``on_trial`` is called after each trial (progress output).  The run is the
@@ -161,7 +188,9 @@ def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable
             order = fallback_order(ctx.stage1, base_ctx.outcome.plan, entries)
             size = 1
             while size <= len(order) and len(trials) < max_trials:
-                if attempt(base_ctx.config, order[:size]).passed:
+                units = order[:size]
+                nodes = list(dict.fromkeys(n for unit in units for n in unit))
+                if attempt(base_ctx.config, nodes).passed:
                     passed = True
                     break
                 if size == len(order):

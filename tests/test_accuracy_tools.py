@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from builders import _init, branchy_model, make_model
 from conftest import SAMPLE_CALIB, SAMPLE_MODEL, run
@@ -379,7 +379,8 @@ def test_autotune_honours_max_trials_and_falls_back_to_float_nodes(count_collect
     first, second, third, fourth = result.trials
     assert (first.excluded, second.excluded) == ([], [])
     assert third.method == fourth.method == "ENTROPY_ASYM"  # fallbacks on the best method so far
-    assert len(third.excluded) == 1 and fourth.excluded[:1] == third.excluded and len(fourth.excluded) == 2
+    assert third.excluded and fourth.excluded[:len(third.excluded)] == third.excluded  # one unit, then two
+    assert len(fourth.excluded) > len(third.excluded)
     assert result.best is third and fake.models[3] is result.model  # the best metric, 0.8
     reasons = {f["node"]: f["reason"] for f in result.summary["nodes"]["float"]}
     assert reasons[third.excluded[0]] == FALLBACK_REASON
@@ -391,9 +392,10 @@ def test_autotune_doubles_the_fallback_and_stops_when_every_node_is_float():
     result = autotune(SAMPLE_MODEL, SAMPLE_CALIB, fake, tolerable_loss=0.01, max_trials=20,
                       methods=("min_max_asym",))
     sizes = [len(t.excluded) for t in result.trials]
-    quantized = result.trials[-1].excluded
-    expected = [0] + [k for k in (1, 2, 4, 8, 16) if k < len(quantized)] + [len(quantized)]
-    assert sizes == expected and len(quantized) >= 4, sizes
+    last = result.trials[-1].excluded
+    assert sizes[0] == 0 and sizes == sorted(set(sizes)) and len(last) >= 4, sizes  # 1, 2, 4, ... units
+    assert len(result.trials) <= 2 + int(np.log2(len(last))) + 1
+    assert set(last) == set(result.trials[-1].excluded) and not result.passed
     for before, after in zip(result.trials[1:], result.trials[2:]):
         assert after.excluded[:len(before.excluded)] == before.excluded  # the same ranking, grown
 
@@ -451,3 +453,29 @@ def test_tune_errors_are_one_line_and_write_nothing(tmp_path, script_text, messa
     assert r.exit_code == 2, r.output
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.output
     assert not out.exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_a_fallback_unit_keeps_its_tensor_float_with_the_consumers_that_would_quantize_it():
+    from quantizer import pipeline
+    from quantizer.autotune import fallback_order
+    from quantizer.config import CalibrationInputs, QuantizationConfig
+    from quantizer.report import report_summary
+
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (4, 3, 1, 1)).astype(np.float32), "w0"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (2, 4, 3, 3)).astype(np.float32), "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0"),
+             helper.make_node("Add", ["c1", "c0"], ["a"], name="shift_add"),
+             helper.make_node("Conv", ["a", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    samples = [{"x": rng.normal(size=(1, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+    ctx = pipeline.new_context(model, QuantizationConfig(report_samples=2), CalibrationInputs(samples))
+    pipeline.run(ctx, pipeline.PREPARE + pipeline.QUANTIZE)
+    entries = report_summary(ctx.stage1, ctx.outcome, ctx.data.samples(2), ctx.ranges, 2)["tensors"]
+    units = {unit[0]: unit for unit in fallback_order(ctx.stage1, ctx.outcome.plan, entries)}
+    assert units["shift_add"] == ["shift_add", "conv2"]  # conv2 would quantize the Add's output anyway
+    assert units["conv1"] == ["conv1", "shift_add"]  # ... and the Add would quantize conv1's output

@@ -136,3 +136,22 @@ def test_success_writes_summary_and_fixed_shape(out):
 def test_optimize_only(out):
     r = invoke(SAMPLE_MODEL, "--optimize-only", "-o", out)
     assert r.exit_code == 0 and out.exists()
+
+
+def test_optimize_with_a_target_applies_its_rewrites(tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("HardSigmoid", ["x"], ["y"], name="hs")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = tmp_path / "hs.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    plain, lowered = tmp_path / "plain.onnx", tmp_path / "lowered.onnx"
+    assert invoke("optimize", model, "-o", plain).exit_code == 0
+    r = invoke("optimize", model, "-o", lowered, "--target", "ort-cpu-x86")
+    assert r.exit_code == 0, r.output
+    assert [n.op_type for n in onnx.load(plain).graph.node] == ["HardSigmoid"]
+    assert sorted(n.op_type for n in onnx.load(lowered).graph.node) == ["Add", "Clip", "Mul"]
+    bad = invoke("optimize", model, "-o", tmp_path / "x.onnx", "--target", "nope")
+    assert bad.exit_code == 2 and "unknown target 'nope'" in bad.stderr

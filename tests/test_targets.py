@@ -351,3 +351,53 @@ def test_an_embedding_table_is_quantized_like_a_weight():
     assert q.ByteSize() < model.ByteSize() / 2
     assert sqnr_db(run(model, samples[0]), run(q, samples[0])) > 20
     assert "embed" in result.summary["nodes"]["quantized_names"]
+
+
+def test_the_readme_target_file_example_loads_with_every_key(tmp_path):
+    from conftest import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("A complete file", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "my-npu.toml"
+    path.write_text(block)
+    target = load_target(path)
+    assert target.name == "my-npu" and target.activations.scale.power_of_two and target.weights.scale.power_of_two
+    assert "Resize" not in target.ops and target.ops["Gelu"].output == "calibrated" and "Erf" in target.ops
+    as_json = tmp_path / "my-npu.json"
+    import tomllib
+
+    as_json.write_text(json.dumps(tomllib.loads(block)))
+    same = {"source": "", "requested": ""}
+    assert load_target(as_json).as_dict() | same == target.as_dict() | same
+
+
+def _tanh_model():
+    rng = np.random.default_rng(14)
+    inits = [_init("w1", rng.normal(0, 0.4, (4, 3, 3, 3)).astype(np.float32)),
+             _init("w2", rng.normal(0, 0.4, (4, 4, 3, 3)).astype(np.float32))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Tanh", ["c1"], ["t"], name="tanh"),
+             helper.make_node("Conv", ["t", "w2"], ["y"], name="conv2", pads=[1, 1, 1, 1])]
+    return make_model(nodes, [float_input(shape=(1, 3, 8, 8))],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+
+
+def test_fusion_report_names_a_quantized_op_onnxruntime_runs_in_float(samples):
+    # A target claiming an integer Tanh for onnxruntime: it has none, so Tanh runs float
+    # between a DequantizeLinear and a QuantizeLinear, and the report says so.
+    claims = {"base": "ort-cpu-x86", "name": "claims-tanh", "ops": {"Tanh": "signed_unit"}}
+    result = quantize_model(_tanh_model(), samples, target=claims)
+    fusion = result.summary["fusion"]
+    assert fusion["float_islands"] == {"Tanh": 1} and fusion["float_island_nodes"] == ["tanh"]
+    assert fusion["quantized_nodes"] == 3 and fusion["integer_nodes"] == 2
+    assert fusion["onnxruntime_ops"].get("QLinearConv") == 2
+    note = next(n for n in result.summary["notes"] if n.startswith("onnxruntime runs"))
+    assert "2 of 3 quantized nodes" in note and "1 Tanh" in note and "33% of the quantized nodes run float" in note
+    plain = quantize_model(_tanh_model(), samples, target="ort-cpu-x86")  # Tanh left float: no island
+    assert plain.summary["fusion"]["float_island_nodes"] == []
+    assert "tanh" not in plain.summary["nodes"]["quantized_names"]
+
+
+def test_no_fusion_report_for_targets_that_are_not_onnxruntime(samples):
+    result = quantize_model(_tanh_model(), samples, target="tflite")
+    assert "fusion" not in result.summary and not any(s["step"] == "fusion_report" for s in result.summary["steps"])

@@ -47,7 +47,7 @@ def run(model, method, data, output, target, percentage, activation_dtype, weigh
                 raise UsageError("--input-type, --output-type and --input-range need quantization, not --optimize-only")
             from .optimize import write_stage1
 
-            write_stage1(model, output or default_output(model, "opt"), shapes, quiet)
+            write_stage1(model, output or default_output(model, "opt"), shapes, quiet, target=target)
             return
         if not (data or load_calibration or ranges_file):
             raise UsageError("--data is required: a folder of .npy/.npz calibration samples "

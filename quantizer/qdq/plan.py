@@ -125,6 +125,17 @@ def _absorbing_activation(value: ir.Value, skip: set[str], fused: frozenset[str]
     return user
 
 
+def _clip_bounds(node: ir.Node) -> tuple[float, float] | None:
+    """(min, max) of a Clip with both bounds constant and finite, else None."""
+    if node.op_type != "Clip" or len(node.inputs) < 3 or any(v is None for v in node.inputs[1:3]):
+        return None
+    values = [v.const_value.numpy() if v.const_value is not None else None for v in node.inputs[1:3]]
+    if any(v is None or v.size != 1 for v in values):
+        return None
+    low, high = (float(v.reshape(())) for v in values)
+    return (low, high) if np.isfinite(low) and np.isfinite(high) and low < high else None
+
+
 def resolve_exclude(nodes: Iterable, patterns: Iterable[str]) -> tuple[set[str], list[str]]:
     """Node names matched by keep-float patterns, and the patterns that matched nothing.
 
@@ -262,6 +273,11 @@ def build_plan(model: ir.Model, skip: Iterable[str] = frozenset(), target=None) 
             if absorbed is not None:
                 plan.absorbed_nodes.append(absorbed)
                 add_tensor(absorbed.outputs[0])
+                bounds = _clip_bounds(absorbed)
+                if bounds is not None:
+                    # Relu6-like: its bounds are the range, so that no calibration method
+                    # cuts off the mass saturated at the upper bound.
+                    plan.fixed_ranges[absorbed.outputs[0].name] = bounds
             else:
                 add_tensor(out)
 
