@@ -39,7 +39,7 @@ PEERS = ["MinMax", "Entropy", "Percentile"]
 DEFAULT_METHOD = "min_max_asym"
 SIZES = {  # calibration samples, eval samples
     "digits": (64, 0), "det": (32, 16), "rec": (64, 256), "vad": (24, 16), "vad_sequence": (24, 16),
-    "vad_openvino": (24, 16),
+    "vad_openvino": (24, 16), "encoder": (64, 256),
 }
 
 
@@ -178,6 +178,7 @@ def child(spec_path: str) -> None:
         out.update(error=one_line(exc), where=where(exc), traceback=traceback.format_exc()[-3000:],
                    memory=isinstance(exc, MemoryError) or any(m in str(exc) for m in MEMORY_MARKERS))
         return dump()
+    out["file_bytes"] = Path(spec["out_model"]).stat().st_size
     dump()
     try:
         work = Path(spec["work"])
@@ -246,10 +247,11 @@ def model_section(task, info: dict, flt: dict, runs: dict, lat: dict, unit: str)
                f"{flt['infer_seconds']:.2f} s; latency unit: {unit}")
     out.append("")
     head = ["run", "finished?", "quantize s", "peak RSS MB", task.metric, "meets target", "SQNR dB",
-            "latency ms", "speedup vs float"]
+            "latency ms", "speedup vs float", "file MB"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     float_ms = lat.get("float32")
-    out.append(f"| float32 | - | - | - | {flt['metric']:.2f} | - | - | {ms(float_ms)} | 1.00x |")
+    out.append(f"| float32 | - | - | - | {flt['metric']:.2f} | - | - | {ms(float_ms)} | 1.00x | "
+               f"{Path(model).stat().st_size / 1e6:.2f} |")
     for label, r in runs.items():
         ok = r.get("ok") and "metric" in r
         unit_s = lat.get(label)
@@ -259,6 +261,7 @@ def model_section(task, info: dict, flt: dict, runs: dict, lat: dict, unit: str)
             fmt(r.get("metric")) if ok else "-",
             ("yes" if task.meets(r["metric"], flt["metric"]) else "no") if ok else "-",
             fmt(r.get("sqnr_db")) if ok else "-", ms(unit_s), f"{float_ms / unit_s:.2f}x" if unit_s and float_ms else "-",
+            f"{r['file_bytes'] / 1e6:.2f}" if r.get("file_bytes") else "-",
         ]) + " |")
     out.append("")
     tuned = runs.get("ours autotune", {})

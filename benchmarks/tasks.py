@@ -242,4 +242,37 @@ class VadOpenVino(Vad):
     name, model_file = "vad_openvino", "silero_vad_openvino_16k.onnx"  # no sr input
 
 
-TASKS = {task.name: task for task in (Digits(), Det(), Rec(), Vad(), VadSequence(), VadOpenVino())}
+class Encoder(Task):
+    name, metric, target = "encoder", "retrieval top-1 %", "within 1 % relative of float"
+
+    def model_path(self):
+        from text_data import encoder_model_path
+        return encoder_model_path()
+
+    def build(self, work, n_calib, n_eval):
+        from text_data import WordPiece, feed, query_of, sentences, vocab_path
+        tokenizer, texts = WordPiece(vocab_path()), sentences()
+        calib, evals = texts[:n_calib], texts[n_calib:n_calib + n_eval]
+        (work / "calib").mkdir(parents=True, exist_ok=True)
+        for i, text in enumerate(calib):
+            np.savez(work / "calib" / f"sentence_{i:04d}.npz", **feed(tokenizer.encode(text)))
+        np.savez(work / "eval_docs.npz", *[tokenizer.encode(t) for t in evals])
+        np.savez(work / "eval_queries.npz", *[tokenizer.encode(query_of(t)) for t in evals])
+        return {"calib": f"{len(calib)} docstring sentences of the Python standard library",
+                "eval": f"{len(evals)} other sentences, each retrieved by a query with every third word dropped"}
+
+    def evaluate(self, session, work):
+        from text_data import embeddings, retrieval_top1
+        docs, queries = (np.load(work / f) for f in ("eval_docs.npz", "eval_queries.npz"))
+        d = embeddings(session, [docs[k] for k in docs.files])
+        q = embeddings(session, [queries[k] for k in queries.files])
+        return retrieval_top1(d, q), [d, q]
+
+    def latency_unit(self, work):
+        from text_data import feed
+        docs = np.load(work / "eval_docs.npz")
+        batch = [docs[k] for k in docs.files[:16]]
+        return (lambda s: [s.run(None, feed(ids)) for ids in batch]), "16 sentences, one per run call"
+
+
+TASKS = {task.name: task for task in (Digits(), Det(), Rec(), Vad(), VadSequence(), VadOpenVino(), Encoder())}
