@@ -26,10 +26,26 @@ EXIT_INTERRUPTED = 130
 
 
 class QuantizeGroup(click.Group):
-    """`quantize MODEL ...` means `quantize run MODEL ...`; `run` is not listed."""
+    """`quantize MODEL ...` means `quantize run MODEL ...`; `run` is not listed.
+
+    A first word that is not a command and not a model path is a mistyped command: it gets
+    the nearest command name instead of a "file not found" from `run`.  `quantize help
+    [COMMAND]` is `--help`."""
 
     def parse_args(self, ctx, args):
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+        if args and args[0] == "help":
+            args = [*args[1:2], "--help"] if len(args) > 1 and args[1] in self.commands else ["--help"]
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            first = args[0]
+            if not _looks_like_a_model(first):
+                import difflib
+
+                close = difflib.get_close_matches(first, [c for c in self.commands if c != "run"], n=1, cutoff=0.6)
+                if close:
+                    raise click.UsageError(f"unknown command '{first}' (did you mean '{close[0]}'?); "
+                                           f"commands: {', '.join(c for c in sorted(self.commands) if c != 'run')}")
+            args = ["run", *args]
+        elif args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["run", *args]
         return super().parse_args(ctx, args)
 
@@ -64,6 +80,11 @@ def _sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _looks_like_a_model(word: str) -> bool:
+    """A path (existing, or with a separator or a file suffix) rather than a command name."""
+    return Path(word).exists() or "/" in word or "\\" in word or "." in word
 
 
 def error(message: str, code: int):

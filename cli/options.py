@@ -11,7 +11,7 @@ import math
 import click
 from quantizer.calibrators import CalibrationMethod
 
-from quantizer.config import DEFAULT_MIN_SQNR_DB, DEFAULT_PERCENTILE
+from quantizer.config import DEFAULT_FIDELITY_SAMPLES, DEFAULT_MIN_SQNR_DB, DEFAULT_PERCENTILE
 from quantizer.errors import UsageError
 from quantizer.report import DEFAULT_REPORT_SAMPLES
 
@@ -19,7 +19,7 @@ FLAGS = {
     "method": "--calib", "methods": "--calib", "percentile": "--percentile", "input_shapes": "--input-shape",
     "target": "--target", "activation_dtype": "--activation-dtype", "weight_range": "--weight-range", "exclude": "--exclude",
     "protect=False": "--no-protect", "report_samples": "--report-samples", "range_overrides": "--input-range",
-    "min_sqnr_db": "--min-sqnr", "model": "-o", "report": "--report", "save_ranges": "--save-ranges",
+    "min_sqnr_db": "--min-sqnr", "strict": "--strict", "fidelity_samples": "--fidelity-samples", "model": "-o", "report": "--report", "save_ranges": "--save-ranges",
     "save_calibration": "--save-calibration", "max_trials": "--max-trials", "tolerable_loss": "--tolerable-loss",
     "ranges": "--ranges", "load_calibration": "--load-calibration",
     "input_types": "--input-type", "output_types": "--output-type",
@@ -72,9 +72,17 @@ output_type = click.option("--output-type", "output_types", multiple=True, metav
                            help="Make output NAME uint8/int8 (its DequantizeLinear removed); with MIN,MAX "
                                 "requantize it to that range first (repeatable).")
 
+strict = click.option("--strict", is_flag=True,
+                      help="Fail (exit 5, nothing written) on what is otherwise a warning: an output below "
+                           "--min-sqnr, an --exclude pattern matching nothing, a tensor protection cannot save, "
+                           "a percentile below 1. For CI.")
+fidelity_samples = click.option("--fidelity-samples", default=DEFAULT_FIDELITY_SAMPLES, show_default=True,
+                                type=click.IntRange(min=1), metavar="N",
+                                help="Calibration samples the written model is checked on against the float model.")
+
 # What `run` and `tune` both take.
 QUANTIZATION = option_group(data, output, target, percentile, activation_dtype, weight_range, exclude, no_protect,
-                            report, quiet, input_shape, debug)
+                            report, quiet, input_shape, strict, fidelity_samples, debug)
 
 
 def parse_shapes(values: tuple[str, ...]) -> dict[str, list[int]]:

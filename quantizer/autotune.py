@@ -125,7 +125,7 @@ def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable
              input_shapes: Mapping[str, Sequence[int]] | None = None, target=None, activation_dtype: str | None = None,
              weight_range: str | None = None, exclude: Iterable[str] | None = None, protect: bool | None = None,
              percentage: float | None = None, report_samples: int = DEFAULT_REPORT_SAMPLES,
-             show_progress: bool | None = None, outputs: Outputs | None = None,
+             show_progress: bool | None = None, outputs: Outputs | None = None, strict: bool | None = None,
              on_trial: Callable[[Trial], None] | None = None) -> TuneResult:
     """Find the first quantization whose ``eval_fn`` metric (higher is better) is within
     ``tolerable_loss`` (relative) of the float model's.
@@ -148,7 +148,7 @@ def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable
         raise UsageError(f"`tolerable_loss` must be >= 0, got {tolerable_loss!r}")
     base = QuantizationConfig.build(config, percentile=percentage, input_shapes=input_shapes,
                                     target=target, activation_dtype=activation_dtype, weight_range=weight_range,
-                                    exclude=exclude, protect=protect, show_progress=show_progress)
+                                    exclude=exclude, protect=protect, show_progress=show_progress, strict=strict)
     configs = [base.with_(method=m, report_samples=report_samples) for m in methods]  # validates every method
     sensitivity_samples = report_samples if report_samples > 0 else DEFAULT_REPORT_SAMPLES
 
@@ -168,7 +168,7 @@ def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable
             pipeline.run_steps(pipeline.QUANTIZE, trial_ctx)
             metric = _metric(eval_fn(trial_ctx.outcome.model), f"trial {len(trials) + 1}")
             loss = (baseline - metric) / abs(baseline) if baseline else None
-            trial = Trial(len(trials) + 1, trial_config.method.value, list(fallback), metric, metric >= floor, loss)
+            trial = Trial(len(trials) + 1, trial_config.method.value.lower(), list(fallback), metric, metric >= floor, loss)
             trials.append(trial)
             if on_trial is not None:
                 on_trial(trial)
@@ -202,6 +202,10 @@ def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable
             "baseline": baseline, "tolerable_loss": tolerable_loss, "max_trials": max_trials,
             "passed": passed, "chosen_trial": trial.number, "trials": [t.as_dict() for t in trials],
         }
+        if not passed:
+            chosen.strict_violations.append(
+                f"no trial within `tolerable_loss` {tolerable_loss:g} of the float metric {baseline:.6g} after "
+                f"{len(trials)} trials (best: trial {trial.number}, metric {trial.metric:.6g})")
         pipeline.run_steps(pipeline.FINISH, chosen)
     except BaseException:
         ctx.transaction.abort()

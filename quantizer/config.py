@@ -29,6 +29,7 @@ from .targets import (
 
 DEFAULT_PERCENTILE = 99.99
 DEFAULT_MIN_SQNR_DB = 10.0
+DEFAULT_FIDELITY_SAMPLES = 4
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,9 @@ class QuantizationConfig:
     report_samples: samples for the per-tensor SQNR report (0: no report).
     range_overrides: ``{tensor: (min, max)}`` replacing calibrated ranges.
     show_progress: progress bar on stderr (None: when stderr is a terminal).
+    strict: results that are otherwise warnings fail the run (StrictError, exit code 5):
+    an output below `min_sqnr_db`, no fidelity check possible, an `exclude` pattern that
+    matches nothing, a crushed tensor that protection cannot save, a percentile below 1.
     """
 
     method: CalibrationMethod = CalibrationMethod.MIN_MAX_ASYM
@@ -102,6 +106,7 @@ class QuantizationConfig:
     report_samples: int = 0
     range_overrides: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     show_progress: bool | None = None
+    strict: bool = False
     # The target with the overrides applied: what the steps read (set in __post_init__).
     resolved_target: Target = field(init=False, repr=False, compare=False, default=None)
 
@@ -175,6 +180,7 @@ class Outputs:
     save_ranges: Path | None = None
     save_calibration: Path | None = None
     min_sqnr_db: float = DEFAULT_MIN_SQNR_DB
+    fidelity_samples: int = DEFAULT_FIDELITY_SAMPLES  # calibration samples the written model is checked on
 
     def __post_init__(self):
         for f in _FILES:
@@ -188,6 +194,9 @@ class Outputs:
         if math.isnan(floor):
             raise UsageError("`min_sqnr_db` must be a number, got nan")
         object.__setattr__(self, "min_sqnr_db", floor)
+        if isinstance(self.fidelity_samples, bool) or not isinstance(self.fidelity_samples, int) \
+                or self.fidelity_samples < 1:
+            raise UsageError(f"`fidelity_samples` must be an integer >= 1, got {self.fidelity_samples!r}")
 
     def files(self) -> dict[str, Path]:
         """{parameter name: path} of the files this run writes."""

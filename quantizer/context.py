@@ -40,6 +40,7 @@ class Context:
     keep_histograms: bool = False  # autotune computes several methods from one state
 
     original: onnx.ModelProto | None = None
+    input_sha256: str | None = None  # of the input model file
     stage1: onnx.ModelProto | None = None
     model: ir.Model | None = None  # the stage-1 model as IR (read-only for the steps)
     conservative: bool = False  # stage 1 without the optimizer (its output did not match)
@@ -61,6 +62,8 @@ class Context:
     autotune: dict | None = None
     summary: Any = None
 
+    reference_model: Any = None  # the model the references ran (the input model, or stage 1)
+    strict_violations: list[str] = field(default_factory=list)  # what `strict` turns into an error
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     steps: list[dict] = field(default_factory=list)
@@ -75,6 +78,7 @@ class Context:
         forked = copy.copy(self)
         forked.notes, forked.timings, forked.steps = list(self.notes), dict(self.timings), list(self.steps)
         forked.protected, forked.keep_float, forked.io = [], dict(self.keep_float), list(self.io)
+        forked.strict_violations = list(self.strict_violations)
         for name, value in changes.items():
             setattr(forked, name, value)
         return forked

@@ -3,6 +3,8 @@ against the model's inputs (name, dtype, rank, fixed dims) one sample at a time.
 
 from __future__ import annotations
 
+import itertools
+
 import math
 import os
 import zipfile
@@ -426,6 +428,20 @@ class DataSource:
             if len(self._head) < self.keep:
                 self._head.append(item)
             yield item
+
+    def named_samples(self, specs: list[InputSpec], n: int) -> Iterator[tuple[str, Sample]]:
+        """The first ``n`` samples, checked, each with its name (the file name for a folder,
+        the index for an iterable): the fidelity check's samples."""
+        if self.source is None or n <= 0:
+            return
+        if isinstance(self.source, (str, Path)):
+            folder = Path(self.source)
+            names = (p.name for p in calibration_files(folder))
+            yield from itertools.islice(zip(names, iter_folder(folder, specs)), n)
+            return
+        items = self.samples(n) if not self.one_shot else self._head[:n]
+        for index, sample in enumerate(iter_samples(items, specs)):
+            yield str(index), sample
 
     def samples(self, n: int):
         """The first ``n`` samples again (for the report), in a form iter_samples takes."""

@@ -1,7 +1,8 @@
 """Error classes, one per exit code, so the CLI can turn any failure into one line.
 
 Exit codes (documented in the README):
-  0 success, 1 internal error, 2 usage, 3 input model, 4 calibration data, 130 interrupted.
+  0 success, 1 internal error, 2 usage, 3 input model, 4 calibration data,
+  5 a quality check failed under `strict`, 130 interrupted.
 
 Messages speak of the library's parameters, written in backquotes (`exclude`,
 `input_shapes`, `min_sqnr_db`, ...), never of command-line flags: the CLI maps each
@@ -48,6 +49,14 @@ class CalibrationDataError(QuantizerError):
 
     exit_code = 4
     kind = "calibration data error"
+
+
+class StrictError(QuantizerError):
+    """Under `strict`, a result that would only be a warning otherwise (low fidelity, an
+    `exclude` pattern that matched nothing, a crushed tensor protection could not save)."""
+
+    exit_code = 5
+    kind = "strict check failed"
 
 
 @contextlib.contextmanager

@@ -17,6 +17,42 @@ from .errors import ModelError, UsageError, first_line
 ModelLike = "onnx.ModelProto | str | os.PathLike"
 
 
+# What a file that is not ONNX usually is, by its magic bytes or suffix, and what to do.
+_NOT_ONNX = (
+    (b"PK\x03\x04", None, "a zip archive (a PyTorch checkpoint .pt/.pth, or a .zip)",
+     "export the model with torch.onnx.export(model, example_inputs, 'model.onnx')"),
+    (b"\x80\x02", None, "a pickled PyTorch checkpoint",
+     "export the model with torch.onnx.export(model, example_inputs, 'model.onnx')"),
+    (b"\x89HDF", None, "an HDF5 file (a Keras .h5 model)", "convert it with tf2onnx"),
+    (None, ".tflite", "a TFLite model", "convert it with tf2onnx"),
+    (None, ".safetensors", "safetensors weights (no graph)", "export the model to ONNX (e.g. torch.onnx.export)"),
+    (None, ".pb", "a TensorFlow graph", "convert it with tf2onnx"),
+)
+
+
+def _what_it_is(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError:
+        return None
+    for magic, suffix, what, todo in _NOT_ONNX:
+        if (magic is not None and head.startswith(magic)) or (suffix is not None and path.suffix.lower() == suffix):
+            return f"{path.name} is not an ONNX model: it looks like {what}; {todo}"
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_model(model) -> onnx.ModelProto:
     """Return a ModelProto from a path or a proto; raise ModelError with the reason."""
     if isinstance(model, onnx.ModelProto):
@@ -39,6 +75,9 @@ def load_model(model) -> onnx.ModelProto:
         try:
             proto = onnx.load(str(path), load_external_data=False)
         except (DecodeError, ValueError, RuntimeError) as exc:
+            known = _what_it_is(path)
+            if known is not None:
+                raise ModelError(known) from exc
             raise ModelError(
                 f"not an ONNX model (cannot parse {path.name}: {first_line(exc)}); "
                 "give a complete .onnx file (truncated download or wrong file?)"

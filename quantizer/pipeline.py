@@ -35,10 +35,11 @@ from .checks import (
 from .config import CalibrationInputs, Outputs, QuantizationConfig
 from .context import Context, Written
 from .dataset import DataSource, input_specs
-from .errors import ModelError
+from .errors import ModelError, StrictError
 from .fusion import fusion_report
 from .model_io import (
     check_distinct_outputs,
+    file_sha256,
     load_model,
     save_model_atomic,
     write_atomic,
@@ -51,7 +52,7 @@ from .report import report_summary
 from .subgraphs import count_subgraph_nodes
 from .summary import build_summary
 from .targets import record_target
-from .verify import Reference, WrittenModelCheck, compare_outputs
+from .verify import Reference, WrittenModelCheck, compare_outputs, measure_fidelity
 
 # Stage 1 must compute the input model's function: an output whose SQNR against the input
 # model falls below this is a rewrite gone wrong (folding noise is far above: > 100 dB).
@@ -83,8 +84,16 @@ def run_steps(steps: Iterable[Step], ctx: Context) -> Context:
 
 # -- stage 1 ---------------------------------------------------------------------------
 
+def _warn(ctx: Context, text: str) -> None:
+    """A note that `strict` turns into an error."""
+    ctx.notes.append(text)
+    ctx.strict_violations.append(text)
+
+
 def _load(ctx: Context) -> str:
     ctx.original = load_model(ctx.source)
+    if ctx.source_path is not None:
+        ctx.input_sha256 = file_sha256(ctx.source_path)
     return f"{len(ctx.original.graph.node)} nodes"
 
 
@@ -109,8 +118,8 @@ def _optimize(ctx: Context) -> str:
 
 def _resolve_scope(ctx: Context) -> str | None:
     ctx.excluded, unmatched = resolve_exclude(ctx.model.graph, ctx.config.exclude.patterns)
-    ctx.notes.extend(f"`exclude` pattern '{p}' matches no node name or op type (after optimization)"
-                     for p in unmatched)
+    for p in unmatched:
+        _warn(ctx, f"`exclude` pattern '{p}' matches no node name or op type (after optimization)")
     return f"{len(ctx.excluded)} nodes excluded" if ctx.excluded else None
 
 
@@ -162,11 +171,13 @@ def _verify_stage1(ctx: Context) -> str | None:
     sample, name = first
     try:
         ctx.reference = Reference.of(ctx.original, sample, name)
+        ctx.reference_model = ctx.original
     except Exception as exc:  # e.g. an old opset onnxruntime no longer runs: stage 1 is the reference
         ctx.notes.append(f"stage-1 check skipped: onnxruntime cannot run the input model as written "
                          f"({ort_message(exc)})")
         try:
             ctx.reference = Reference.of(ctx.stage1, sample, name)
+            ctx.reference_model = ctx.stage1
         except Exception:
             ctx.reference = None  # calibration reports why the model does not run
         return None
@@ -225,6 +236,9 @@ def _compute_ranges(ctx: Context) -> str:
             ctx.ranges_by_method[method] = ctx.calibrator.compute_range(method)
         ranges = ctx.ranges_by_method[method]
     ctx.ranges = {**ranges, **ctx.config.range_overrides}
+    if ctx.inputs.ranges is None and method.family == "PERCENTILE" and ctx.config.percentile < 1:
+        _warn(ctx, f"`percentile` {ctx.config.percentile:g} is below 1: it is a percentage "
+                   f"(99.99 keeps 99.99 % of the values), not a fraction; did you mean {ctx.config.percentile * 100:g}?")
     return f"{len(ctx.ranges)} ranges ({'given' if ctx.inputs.ranges is not None else method.value.lower()})"
 
 
@@ -233,7 +247,8 @@ def _protect(ctx: Context) -> str | None:
     protected, notes = find_protected(ctx.model, ctx.ranges, ctx.excluded | set(ctx.keep_float),
                                       statistics=statistics, target=ctx.config.resolved_target)
     ctx.protected = protected
-    ctx.notes.extend(notes)
+    for note in notes:
+        _warn(ctx, note)
     return f"{len(protected)} nodes kept float" if protected else None
 
 
@@ -274,24 +289,60 @@ def _save_ranges(ctx: Context) -> str:
     return str(ctx.outputs.save_ranges)
 
 
+def _fidelity_references(ctx: Context) -> list[Reference] | None:
+    """The stage-1 check's reference plus the next calibration samples, up to
+    `fidelity_samples`, with the float model's outputs on each."""
+    if ctx.reference is None:
+        return None
+    references = [ctx.reference]
+    wanted = ctx.outputs.fidelity_samples
+    if wanted > 1 and ctx.reference_model is not None:
+        for name, sample in ctx.data.named_samples(input_specs(ctx.original), wanted):
+            if len(references) >= wanted:
+                break
+            if name != ctx.reference.name:
+                references.append(Reference.of(ctx.reference_model, sample, name))
+    return references
+
+
 def _write_model(ctx: Context) -> str:
-    check = WrittenModelCheck(ctx.outcome.model, ctx.reference, ctx.outputs.min_sqnr_db)
+    check = WrittenModelCheck(ctx.outcome.model, _fidelity_references(ctx), ctx.outputs.min_sqnr_db)
     size = save_model_atomic(ctx.outcome.model, ctx.outputs.model, verify=check, transaction=ctx.transaction)
     ctx.written = Written(ctx.outputs.model, size, check.fidelity)
     if check.error:
-        ctx.notes.append(check.error)
+        _warn(ctx, check.error)
     fidelity = check.fidelity
     if fidelity is None:
         if ctx.reference is None:
-            ctx.notes.append("fidelity check skipped: no calibration samples to run")
+            _warn(ctx, "fidelity check skipped: no calibration samples to run")
     else:
         if fidelity.sqnr_db:
             values = ", ".join(f"{name} {value:.1f} dB" for name, value in fidelity.sqnr_db.items())
-            ctx.notes.append(f"fidelity on calibration sample {fidelity.sample}: output SQNR {values}")
+            over = (f"the worst of {len(fidelity.samples)} calibration samples" if len(fidelity.samples) > 1
+                    else f"calibration sample {fidelity.sample}")
+            ctx.notes.append(f"fidelity on {over}: output SQNR {values}")
         warning = fidelity.warning()
         if warning:
             ctx.notes.append(f"warning: {warning}")
+            ctx.strict_violations.append(warning)
     return f"{size} bytes"
+
+
+def _enforce_strict(ctx: Context) -> None:
+    """Under `strict`, any warning of the run fails it; nothing staged is written.  A run
+    that writes no model file (the Python API) gets its fidelity check here."""
+    if ctx.written is None:
+        references = _fidelity_references(ctx)
+        if references is None:
+            ctx.strict_violations.append("fidelity check skipped: no calibration samples to run")
+        else:
+            fidelity = measure_fidelity(references, runtime.session(ctx.outcome.model), ctx.outcome.model,
+                                        ctx.outputs.min_sqnr_db)
+            if fidelity.warning():
+                ctx.strict_violations.append(fidelity.warning())
+    if ctx.strict_violations:
+        more = f" (and {len(ctx.strict_violations) - 1} more)" if len(ctx.strict_violations) > 1 else ""
+        raise StrictError(f"{ctx.strict_violations[0]}{more}; nothing was written (`strict`)")
 
 
 def _fusion_report(ctx: Context) -> str | None:
@@ -339,6 +390,7 @@ FINISH = (
     Step("save_ranges", "write", _save_ranges, lambda ctx: ctx.outputs.save_ranges is not None),
     Step("write_model", "write", _write_model, lambda ctx: ctx.outputs.model is not None),
     Step("fusion_report", "report", _fusion_report, lambda ctx: ctx.config.resolved_target.report_fusion),
+    Step("enforce_strict", "write", _enforce_strict, lambda ctx: ctx.config.strict),
     Step("summarize", "write", _summarize),
     Step("write_report", "write", _write_report, lambda ctx: ctx.outputs.report is not None),
     Step("commit", "write", _commit),
@@ -396,6 +448,7 @@ def quantize_model(
     range_overrides: Mapping[str, Sequence[float]] | None = None,
     protect: bool | None = None,
     report_samples: int | None = None,
+    strict: bool | None = None,
 ) -> QuantizationResult:
     """optimize -> calibrate -> quantize, as the pipeline's steps.
 
@@ -415,7 +468,7 @@ def quantize_model(
         config, method=method, percentile=percentage, input_shapes=input_shapes, target=target,
         activation_dtype=activation_dtype, weight_range=weight_range, exclude=exclude,
         show_progress=show_progress, range_overrides=range_overrides, protect=protect,
-        report_samples=report_samples)
+        report_samples=report_samples, strict=strict)
     inputs = CalibrationInputs(dataset, load_calibration, ranges)
     ctx = run(new_context(model, config, inputs, Outputs(save_calibration=save_calibration)))
     return QuantizationResult(ctx.outcome.model, ctx.ranges, ctx.summary)

@@ -82,6 +82,7 @@ class Summary(Mapping):
     fidelity: dict | None = None
     io: tuple[dict, ...] = ()
     autotune: dict | None = None
+    input_sha256: str | None = None
     target: dict | None = None  # the resolved target (targets.Target.as_dict())
     fusion: dict | None = None  # what onnxruntime runs in integer kernels (fusion.FusionReport)
 
@@ -93,7 +94,7 @@ class Summary(Mapping):
             "calibration": self.calibration.as_dict(), "protected": [dict(p) for p in self.protected],
             "steps": [dict(s) for s in self.steps], "versions": dict(self.versions),
         }
-        for name in ("input", "output", "tensors", "report_samples", "fidelity", "autotune", "target", "fusion"):
+        for name in ("input", "output", "tensors", "report_samples", "fidelity", "autotune", "input_sha256", "target", "fusion"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -140,7 +141,7 @@ def build_summary(ctx) -> Summary:
     calibrator = ctx.calibrator
     if calibrator is not None and ctx.inputs.ranges is None:
         calibration = CalibrationSummary(
-            method=ctx.config.method.value, samples=calibrator.samples_seen, tensors=len(ctx.ranges),
+            method=ctx.config.method.value.lower(), samples=calibrator.samples_seen, tensors=len(ctx.ranges),
             nonfinite_values={n: s.nonfinite for n, s in calibrator.statistics.items() if s.nonfinite},
             nonfinite_samples=tuple(calibrator.nonfinite_samples),
             overridden={n: list(map(float, r)) for n, r in ctx.config.range_overrides.items()},
@@ -165,6 +166,7 @@ def build_summary(ctx) -> Summary:
         tensors=report.get("tensors"), report_samples=report.get("report_samples"),
         fidelity=written.fidelity.as_dict() if written is not None and written.fidelity is not None else None,
         io=tuple(ctx.io), autotune=ctx.autotune,
+        input_sha256=ctx.input_sha256,
         target=outcome.target.as_dict() if outcome.target is not None else None,
         fusion=ctx.fusion.as_dict() if ctx.fusion is not None else None,
     )

@@ -97,11 +97,14 @@ def compare_outputs(reference: Reference, outputs: Mapping[str, np.ndarray]) -> 
 
 @dataclass
 class Fidelity:
-    """SQNR (dB) of each float output of the int8 model against the float model."""
+    """SQNR (dB) of each float output of the int8 model against the float model: the worst
+    over the checked samples, and on which sample it was."""
 
-    sample: str
+    sample: str  # the sample of the worst output (the first sample when all are fine)
     sqnr_db: dict[str, float] = field(default_factory=dict)
     min_sqnr_db: float = DEFAULT_MIN_SQNR_DB
+    samples: list[str] = field(default_factory=list)
+    worst_sample: dict[str, str] = field(default_factory=dict)  # output -> sample of its worst SQNR
 
     @property
     def low(self) -> dict[str, float]:
@@ -113,14 +116,17 @@ class Fidelity:
             return None
         name, value = min(self.low.items(), key=lambda kv: kv[1])
         more = f" (and {len(self.low) - 1} more output(s))" if len(self.low) > 1 else ""
+        where = self.worst_sample.get(name, self.sample)
+        of = f" (the worst of {len(self.samples)} samples)" if len(self.samples) > 1 else ""
         return (
-            f"output '{name}' of the int8 model has SQNR {value:.1f} dB on calibration sample {self.sample}, "
+            f"output '{name}' of the int8 model has SQNR {value:.1f} dB on calibration sample {where}{of}, "
             f"below `min_sqnr_db` {self.min_sqnr_db:g} dB{more}; it may be inaccurate: try another "
             "`method` or `exclude` the sensitive nodes"
         )
 
     def as_dict(self) -> dict:
-        return {"sample": self.sample, "min_sqnr_db": self.min_sqnr_db,
+        return {"sample": self.sample, "samples": list(self.samples) or [self.sample],
+                "min_sqnr_db": self.min_sqnr_db, "worst_sample": dict(self.worst_sample),
                 "sqnr_db": {k: _json_float(v) for k, v in self.sqnr_db.items()}}
 
 
@@ -140,37 +146,50 @@ def check_emitted(path: str | os.PathLike) -> ort.InferenceSession:
         raise InternalError(f"onnxruntime cannot load the written model: {ort_message(exc)}") from exc
 
 
-def measure_fidelity(reference: Reference, int8_session: ort.InferenceSession, int8_model: onnx.ModelProto,
+def measure_fidelity(references, int8_session: ort.InferenceSession, int8_model: onnx.ModelProto,
                      min_sqnr_db: float = DEFAULT_MIN_SQNR_DB) -> Fidelity:
-    """Run the reference sample through the int8 model.  Integer inputs/outputs made by the
-    model editor are quantized/dequantized with the parameters recorded in the metadata.
-    A broken output (shape changed, non-finite values) raises InternalError."""
+    """Run the reference samples (a Reference or a list) through the int8 model and keep
+    each output's worst SQNR.  Integer inputs/outputs made by the model editor are
+    quantized/dequantized with the parameters recorded in the metadata.  A broken output
+    (shape changed, non-finite values) raises InternalError."""
+    references = [references] if isinstance(references, Reference) else list(references)
     io = read_io(int8_model)
-    feed = {}
-    for spec in int8_session.get_inputs():
-        value = reference.sample[spec.name]
-        feed[spec.name] = io["input"][spec.name].quantize(value) if spec.name in io["input"] else value
     names = [o.name for o in int8_session.get_outputs()]
-    outputs = {}
-    for name, value in zip(names, int8_session.run(None, feed)):
-        outputs[name] = io["output"][name].dequantize(value) if name in io["output"] else value
-    sqnr, broken = compare_outputs(reference, outputs)
-    if broken:
-        raise InternalError(
-            f"the int8 model is broken: output '{broken[0].output}' has {broken[0].why} on calibration "
-            f"sample {reference.name}; nothing was written (a bug: rerun with debug output and report it)"
-        )
-    return Fidelity(reference.name, sqnr, min_sqnr_db)
+    worst: dict[str, float] = {}
+    where: dict[str, str] = {}
+    for reference in references:
+        feed = {}
+        for spec in int8_session.get_inputs():
+            value = reference.sample[spec.name]
+            feed[spec.name] = io["input"][spec.name].quantize(value) if spec.name in io["input"] else value
+        outputs = {}
+        for name, value in zip(names, int8_session.run(None, feed)):
+            outputs[name] = io["output"][name].dequantize(value) if name in io["output"] else value
+        sqnr, broken = compare_outputs(reference, outputs)
+        if broken:
+            raise InternalError(
+                f"the int8 model is broken: output '{broken[0].output}' has {broken[0].why} on calibration "
+                f"sample {reference.name}; nothing was written (a bug: rerun with debug output and report it)"
+            )
+        for name, value in sqnr.items():
+            if name not in worst or value < worst[name]:
+                worst[name], where[name] = value, reference.name
+    first = references[0].name if references else "-"
+    sample = where[min(worst, key=worst.get)] if worst else first
+    return Fidelity(sample, worst, min_sqnr_db, [r.name for r in references], where)
 
 
 class WrittenModelCheck:
     """The ``verify`` hook for save_model_atomic: validity always, fidelity when a
     reference (a sample and the float model's outputs on it) is given."""
 
-    def __init__(self, int8_model: onnx.ModelProto, reference: Reference | None = None,
+    def __init__(self, int8_model: onnx.ModelProto, reference=None,
                  min_sqnr_db: float = DEFAULT_MIN_SQNR_DB):
+        """``reference``: a Reference, a list of them (the fidelity samples), or None."""
         self.int8_model = int8_model
-        self.reference = reference
+        if isinstance(reference, Reference):
+            reference = [reference]
+        self.reference = list(reference) if reference else None
         self.min_sqnr_db = min_sqnr_db
         self.fidelity: Fidelity | None = None
         self.error: str | None = None
@@ -184,5 +203,5 @@ class WrittenModelCheck:
         except InternalError:
             raise
         except Exception as exc:  # the model is valid; a failed measurement must not lose it
-            self.fidelity = Fidelity(self.reference.name, {}, self.min_sqnr_db)
+            self.fidelity = Fidelity(self.reference[0].name, {}, self.min_sqnr_db, [r.name for r in self.reference])
             self.error = f"fidelity check skipped: {ort_message(exc)}"

@@ -364,10 +364,10 @@ def test_autotune_stops_at_the_first_trial_within_the_loss(count_collections):
     methods = ("min_max_asym", "percentile_asym", "entropy_asym")
     result = autotune(SAMPLE_MODEL, SAMPLE_CALIB, fake, tolerable_loss=0.01, max_trials=10, methods=methods)
     assert [(t.method, t.metric, t.passed) for t in result.trials] == [
-        ("MIN_MAX_ASYM", 1.9, False), ("PERCENTILE_ASYM", 1.985, True)]
+        ("min_max_asym", 1.9, False), ("percentile_asym", 1.985, True)]
     assert len(fake.models) == 3 and result.passed and result.best.number == 2 and result.baseline == 2.0
     assert result.trials[1].loss == pytest.approx(0.0075)
-    assert fake.models[-1] is result.model and result.summary["calibration"]["method"] == "PERCENTILE_ASYM"
+    assert fake.models[-1] is result.model and result.summary["calibration"]["method"] == "percentile_asym"
     assert result.summary["autotune"]["chosen_trial"] == 2 and len(count_collections) == 1  # one model run
 
 
@@ -378,7 +378,7 @@ def test_autotune_honours_max_trials_and_falls_back_to_float_nodes(count_collect
     assert len(result.trials) == 4 and len(fake.models) == 5 and not result.passed
     first, second, third, fourth = result.trials
     assert (first.excluded, second.excluded) == ([], [])
-    assert third.method == fourth.method == "ENTROPY_ASYM"  # fallbacks on the best method so far
+    assert third.method == fourth.method == "entropy_asym"  # fallbacks on the best method so far
     assert third.excluded and fourth.excluded[:len(third.excluded)] == third.excluded  # one unit, then two
     assert len(fourth.excluded) > len(third.excluded)
     assert result.best is third and fake.models[3] is result.model  # the best metric, 0.8

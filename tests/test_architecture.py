@@ -113,7 +113,7 @@ def test_configuration_is_typed_and_validated_once():
     with pytest.raises(UsageError, match="`range_overrides` for 'x' must be finite"):
         QuantizationConfig(range_overrides={"x": (0, float("inf"))})
     base = quantize_model(SAMPLE_MODEL, SAMPLE_CALIB, config=config, show_progress=False)
-    assert base.summary.calibration.method == "ENTROPY_SYM"
+    assert base.summary.calibration.method == "entropy_sym"
     assert base.summary.nodes.quantized == base.summary["nodes"]["quantized"]
 
 

@@ -108,8 +108,9 @@ def traced_peak(samples, warm_up):
 def test_memory_flat_in_number_of_samples():
     rng = np.random.default_rng(0)
     samples = [rng.standard_t(3, size=(16, 3, 8, 8)).astype(np.float32) for i in range(64)]
-    few, many = traced_peak(samples[:8], samples), traced_peak(samples, samples)
-    assert many <= few * 1.10, (few, many)
+    before, many, after = traced_peak(samples[:8], samples), traced_peak(samples, samples), traced_peak(samples[:8], samples)
+    few = max(before, after)  # the same measurement twice: its spread is allocator noise, not streaming
+    assert many <= few * 1.10, (before, many, after)
     assert many < 64 * samples[0].nbytes / 4  # far below keeping even the inputs of all samples
 
 

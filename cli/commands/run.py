@@ -34,7 +34,7 @@ from ..text import format_summary, warnings
 @options.report_samples
 @options.min_sqnr
 def run(model, method, data, output, target, percentage, activation_dtype, weight_range, exclude, no_protect, report,
-        quiet, input_shapes, debug, save_calibration, load_calibration, save_ranges, ranges_file, input_types,
+        quiet, input_shapes, strict, fidelity_samples, debug, save_calibration, load_calibration, save_ranges, ranges_file, input_types,
         output_types, input_ranges, optimize_only, report_samples, min_sqnr):
     """Optimize, calibrate and quantize MODEL to int8 QDQ ONNX."""
 
@@ -57,11 +57,11 @@ def run(model, method, data, output, target, percentage, activation_dtype, weigh
             activation_dtype=activation_dtype,
             weight_range=weight_range, exclude=exclude, protect=not no_protect,
             report_samples=report_samples if report else 0, range_overrides=overrides,
-            show_progress=False if quiet else None,
+            show_progress=False if quiet else None, strict=strict,
         )
         out = output or default_output(model, "int8")
         outputs = Outputs(model=out, report=report, save_ranges=save_ranges, save_calibration=save_calibration,
-                          min_sqnr_db=min_sqnr)
+                          min_sqnr_db=min_sqnr, fidelity_samples=fidelity_samples)
         steps = pipeline.with_steps(pipeline.PIPELINE, "load", [check_io_names_step(in_types, overrides, out_types)])
         if in_types or out_types:
             steps = pipeline.with_steps(steps, "insert_qdq", [edit_io_step(in_types, out_types)])

@@ -29,7 +29,8 @@ from ..text import format_summary, format_trial, warnings
               help="Calibration samples for the per-tensor SQNR that ranks the fallback nodes.")
 @options.min_sqnr
 def tune(model, eval_script, tolerable_loss, max_trials, methods, data, output, target, percentage, activation_dtype,
-         weight_range, exclude, no_protect, report, quiet, input_shapes, debug, report_samples, min_sqnr):
+         weight_range, exclude, no_protect, report, quiet, input_shapes, strict, fidelity_samples, debug, report_samples,
+         min_sqnr):
     """Quantize MODEL trying methods, then float fallbacks, until the metric of --eval is
     within --tolerable-loss of the float model's."""
 
@@ -45,7 +46,8 @@ def tune(model, eval_script, tolerable_loss, max_trials, methods, data, output, 
                           weight_range=weight_range, exclude=exclude, protect=not no_protect,
                           percentage=percentage, report_samples=report_samples,
                           show_progress=False if quiet else None,
-                          outputs=Outputs(model=out, report=report, min_sqnr_db=min_sqnr),
+                          outputs=Outputs(model=out, report=report, min_sqnr_db=min_sqnr,
+                                          fidelity_samples=fidelity_samples), strict=strict,
                           on_trial=None if quiet else lambda trial: click.echo(format_trial(trial, max_trials)))
         best = result.best
         if not quiet:
