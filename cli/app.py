@@ -121,15 +121,20 @@ def default_output(model: str, suffix: str) -> Path:
 @click.group(cls=QuantizeGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="onnx-int8-quantizer")
 def cli():
-    """ONNX int8 quantizer.  `quantize MODEL --calib METHOD --data DIR` runs all stages.
+    """ONNX int8 quantizer.  `quantize MODEL --data DIR` runs all stages.
 
     \b
-    Examples:
-      quantize model.onnx --data calib/                       # min_max_asym, writes model_int8.onnx
-      quantize model.onnx --calib entropy_sym --data calib/ -o model_int8.onnx
-      quantize model.onnx --data calib/ --exclude conv1 --report report.json
+    Examples, one per command:
+      quantize model.onnx --data calib/ [--calib entropy_sym] [--target tensorrt] [--strict]
+      quantize inspect model.onnx --exclude 'head/*'         # what would be quantized, no data
+      quantize compare model.onnx model_int8.onnx --data heldout/ --min-sqnr 20
       quantize tune model.onnx --data calib/ --eval evaluate.py
-      quantize run --help                                     # every option of a plain run
+      quantize targets [tensorrt]                            # the backends and what they declare
+      quantize optimize model.onnx -o model_opt.onnx         # the stage-1 float model only
+      quantize edit model_int8.onnx --input-type x=uint8     # integer inputs/outputs (NPUs)
+      quantize run --help                                    # every option of a plain run
+    \b
+    Shell completion (bash): eval "$(_QUANTIZE_COMPLETE=bash_source quantize)"
     """
 
 

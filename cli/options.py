@@ -37,6 +37,17 @@ def option_group(*options):
 
 METHODS = ", ".join(m.value.lower() for m in CalibrationMethod)
 
+
+def complete_method(ctx, param, incomplete: str):
+    """Shell completion of --calib: the method names that start with what was typed."""
+    return [m.value.lower() for m in CalibrationMethod if m.value.lower().startswith(incomplete.lower())]
+
+
+def complete_target(ctx, param, incomplete: str):
+    from quantizer.targets import preset_names
+
+    return [name for name in preset_names() if name.startswith(incomplete)]
+
 input_shape = click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME=D1,D2,...",
                            help="Fix a dynamic input shape, e.g. x=1,3,224,224 (repeatable; NAME:D1,... also works).")
 debug = click.option("--debug", is_flag=True, help="Show tracebacks (with the original cause) and library logs.")
@@ -47,6 +58,7 @@ data = click.option("--data", "data", type=click.Path(),
 percentile = click.option("--percentile", "percentage", default=DEFAULT_PERCENTILE, show_default=True, type=float,
                           help="Percentile for the PERCENTILE methods.")
 target = click.option("--target", default="ort-cpu", show_default=True, metavar="NAME|FILE",
+                      shell_complete=complete_target,
                       help="Backend to quantize for: ort-cpu (resolved for this machine), ort-cpu-x86, "
                            "ort-cpu-vnni, ort-cpu-arm, tensorrt, tflite (npu), or a .toml/.json target file "
                            "(see `quantize targets`).")

@@ -147,3 +147,17 @@ def test_a_file_that_is_not_onnx_says_what_it_looks_like_and_what_to_do(tmp_path
     path.write_bytes(content)
     result = invoke(path, "--data", SAMPLE_CALIB, "-o", tmp_path / "q.onnx")
     assert_clean_failure(result, MODEL, words, tmp_path, keep=(name,))
+
+
+def test_shell_completion_offers_methods_and_targets(monkeypatch, capsys):
+    from quantizer.cli.main import main
+
+    for words, cword, want in (("quantize run m.onnx --calib ent", "4", {"entropy_asym", "entropy_sym"}),
+                               ("quantize m.onnx --target tens", "3", {"tensorrt"})):
+        monkeypatch.setenv("_QUANTIZE_COMPLETE", "bash_complete")
+        monkeypatch.setenv("COMP_WORDS", words)
+        monkeypatch.setenv("COMP_CWORD", cword)
+        with pytest.raises(SystemExit):
+            main([])
+        offered = {line.split(",", 1)[1] for line in capsys.readouterr().out.splitlines() if "," in line}
+        assert offered == want

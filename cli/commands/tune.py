@@ -21,7 +21,7 @@ from ..text import format_summary, format_trial, warnings
               help="Accepted relative loss of the metric vs the float model (0.01 = 1 %).")
 @click.option("--max-trials", default=10, show_default=True, type=click.IntRange(min=1),
               help="Most quantized models to evaluate.")
-@click.option("--calib", "methods", multiple=True, metavar="METHOD",
+@click.option("--calib", "methods", multiple=True, metavar="METHOD", shell_complete=options.complete_method,
               help="Calibration methods to try, in order (repeatable) [default: "
                    + ", ".join(m.lower() for m in DEFAULT_METHODS) + "].")
 @options.QUANTIZATION
