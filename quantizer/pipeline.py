@@ -409,7 +409,7 @@ def new_context(model, config: QuantizationConfig, inputs: CalibrationInputs | N
                 outputs: Outputs | None = None, **extra) -> Context:
     inputs = inputs or CalibrationInputs()
     ctx = Context(config=config, source=model, inputs=inputs, outputs=outputs or Outputs(), **extra)
-    ctx.data = DataSource(inputs.data, keep=config.report_samples)
+    ctx.data = DataSource(inputs.data, keep=max(config.report_samples, ctx.outputs.fidelity_samples))
     return ctx
 
 

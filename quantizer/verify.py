@@ -41,6 +41,12 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     mask = np.isfinite(reference)
     noise = float(np.sum((reference[mask] - approx[mask]) ** 2))
     signal = float(np.sum(reference[mask] ** 2))
+    return sqnr_from_sums(signal, noise)
+
+
+def sqnr_from_sums(signal: float, noise: float) -> float:
+    """10 log10(signal / noise) of accumulated sums: inf when exact, -inf without signal
+    or with non-finite noise."""
     if not math.isfinite(noise):
         return -math.inf
     if noise == 0.0:
