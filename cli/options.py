@@ -12,6 +12,7 @@ import click
 from quantizer.calibrators import CalibrationMethod
 
 from quantizer.config import DEFAULT_FIDELITY_SAMPLES, DEFAULT_MIN_SQNR_DB, DEFAULT_PERCENTILE
+from quantizer.dataset import DataOptions, DataSpec, ImagePreprocessing
 from quantizer.errors import UsageError
 from quantizer.report import DEFAULT_REPORT_SAMPLES
 
@@ -23,6 +24,10 @@ FLAGS = {
     "save_calibration": "--save-calibration", "max_trials": "--max-trials", "tolerable_loss": "--tolerable-loss",
     "ranges": "--ranges", "load_calibration": "--load-calibration",
     "input_types": "--input-type", "output_types": "--output-type",
+    "max_samples": "--max-samples", "shuffle_seed": "--shuffle-seed", "preprocess": "--preprocess",
+    "images": "--preprocess/--image-*", "images.size": "--image-size", "images.layout": "--image-layout",
+    "images.channel_order": "--channel-order", "images.scale": "--image-scale", "images.mean": "--mean",
+    "images.std": "--std",
 }
 
 
@@ -54,7 +59,10 @@ debug = click.option("--debug", is_flag=True, help="Show tracebacks (with the or
 quiet = click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary (warnings still go to stderr).")
 output = click.option("-o", "--output", type=click.Path(), help="Output model [default: MODEL_int8.onnx beside MODEL].")
 data = click.option("--data", "data", type=click.Path(),
-                    help="Folder of .npy (single input) or .npz (keyed by input name) samples.")
+                    help="Calibration data: a folder of .npy (single input) or .npz (keyed by input name) "
+                         "samples; one stacked .npy/.npz file holding the samples along axis 0 (B rows per "
+                         "sample for a fixed batch B, else 1); or a folder of images (.png, .jpg, .jpeg, .bmp, "
+                         ".tif, .webp; see --preprocess, needs Pillow).")
 percentile = click.option("--percentile", "percentage", default=DEFAULT_PERCENTILE, show_default=True, type=float,
                           help="Percentile for the PERCENTILE methods.")
 target = click.option("--target", default="ort-cpu", show_default=True, metavar="NAME|FILE",
@@ -92,9 +100,35 @@ fidelity_samples = click.option("--fidelity-samples", default=DEFAULT_FIDELITY_S
                                 type=click.IntRange(min=1), metavar="N",
                                 help="Calibration samples the written model is checked on against the float model.")
 
+# How much of --data, in what order, and how images become arrays (quantizer.dataset.DataOptions).
+max_samples = click.option("--max-samples", type=click.IntRange(min=1), default=None, metavar="N",
+                           help="Calibrate on at most N samples (after --shuffle-seed) [default: all].")
+shuffle_seed = click.option("--shuffle-seed", type=click.IntRange(min=0), default=None, metavar="SEED",
+                            help="Shuffle the files (or the samples of a stacked file) with this seed before "
+                                 "taking --max-samples [default: sorted file order, row order].")
+preprocess = click.option("--preprocess", type=click.Path(), metavar="FILE",
+                          help="Image preprocessing: a .toml/.json file with the keys size, layout, "
+                               "channel_order, scale, mean, std (the options below change it).")
+image_size = click.option("--image-size", metavar="H,W",
+                          help="Resize the images to H,W [default: the model's fixed height and width].")
+image_layout = click.option("--image-layout", type=click.Choice(["NCHW", "NHWC"], case_sensitive=False),
+                            default=None, metavar="NCHW|NHWC",
+                            help="Image tensor layout [default: NCHW when the input's dim 1 is 1 or 3, NHWC "
+                                 "when its dim 3 is].")
+channel_order = click.option("--channel-order", type=click.Choice(["RGB", "BGR"], case_sensitive=False),
+                             default=None, metavar="RGB|BGR",
+                             help="Channel order of the image tensors [default: RGB; grayscale for 1-channel "
+                                  "inputs].")
+image_scale = click.option("--image-scale", metavar="FLOAT",
+                           help="Multiply the 0-255 pixel values by FLOAT (1/255 works) [default: 1/255].")
+mean = click.option("--mean", metavar="A[,B,C]", help="Subtract per channel, after scaling [default: 0].")
+std = click.option("--std", metavar="A[,B,C]", help="Then divide per channel [default: 1].")
+DATA_OPTIONS = option_group(max_samples, shuffle_seed, preprocess, image_size, image_layout, channel_order,
+                            image_scale, mean, std)
+
 # What `run` and `tune` both take.
-QUANTIZATION = option_group(data, output, target, percentile, activation_dtype, weight_range, exclude, no_protect,
-                            report, quiet, input_shape, strict, fidelity_samples, debug)
+QUANTIZATION = option_group(data, DATA_OPTIONS, output, target, percentile, activation_dtype, weight_range, exclude,
+                            no_protect, report, quiet, input_shape, strict, fidelity_samples, debug)
 
 
 def parse_shapes(values: tuple[str, ...]) -> dict[str, list[int]]:
@@ -161,3 +195,26 @@ def parse_input_ranges(values: tuple[str, ...]) -> dict[str, tuple[float, float]
         name, value = _split_assignment(text, "--input-range", form)
         ranges[name] = _parse_range(value, "--input-range", form, text)
     return ranges
+
+
+def data_options(max_samples=None, shuffle_seed=None, preprocess=None, image_size=None, image_layout=None,
+                 channel_order=None, image_scale=None, mean=None, std=None) -> DataOptions:
+    """The DataOptions of the flags above: --preprocess first, then each image flag given
+    changes its field (the library checks the values; its messages name the flags)."""
+    images = None
+    if preprocess or any(v is not None for v in (image_size, image_layout, channel_order, image_scale, mean, std)):
+        images = ImagePreprocessing.from_file(preprocess) if preprocess else ImagePreprocessing()
+        images = images.updated(size=image_size, layout=image_layout, channel_order=channel_order,
+                                scale=image_scale, mean=mean, std=std)
+    return DataOptions(max_samples=max_samples, shuffle_seed=shuffle_seed, images=images)
+
+
+def data_argument(data, forms: dict):
+    """``--data`` as the library takes it: the path, or a DataSpec when a data option is given."""
+    found = data_options(**forms)
+    if found.is_default:
+        return data
+    if not data:
+        given = ["--" + k.replace("_", "-") for k, v in forms.items() if v is not None]
+        raise UsageError(f"{', '.join(given)} need --data (they say how to read it)")
+    return DataSpec(data, found)

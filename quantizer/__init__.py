@@ -15,7 +15,8 @@ from quantizer.calibrators import CalibrationMethod
 from .autotune import TuneResult, autotune
 from .calibrate import Calibrator
 from .config import CalibrationInputs, Outputs, QuantizationConfig, Scope
-from .errors import CalibrationDataError, ModelError, QuantizerError, UsageError
+from .dataset import DataOptions, DataSpec, ImagePreprocessing
+from .errors import CalibrationDataError, ModelError, QuantizerError, StrictError, UsageError
 from .optimize import optimize_model
 from .pipeline import QuantizationResult, quantize_model
 from .quantize import quantize
@@ -36,12 +37,16 @@ __all__ = [
     "CalibrationInputs",
     "CalibrationMethod",
     "Calibrator",
+    "DataOptions",
+    "DataSpec",
+    "ImagePreprocessing",
     "ModelError",
     "Outputs",
     "QuantizationConfig",
     "QuantizationResult",
     "QuantizerError",
     "Scope",
+    "StrictError",
     "TuneResult",
     "UsageError",
     "autotune",

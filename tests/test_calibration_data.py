@@ -41,7 +41,8 @@ DATA_CASES = {
     # case: (model, folder maker, message)
     "folder_missing": (SAMPLE_MODEL, lambda t: t / "nowhere", "calibration folder not found"),
     "folder_empty": (SAMPLE_MODEL, _folder({}), "no .npy or .npz calibration files"),
-    "other_kinds": (SAMPLE_MODEL, _folder({"a.jpg": b"\xff\xd8", "notes.txt": b"hi"}), "no .npy or .npz calibration files"),
+    "other_kinds": (SAMPLE_MODEL, _folder({"a.jpg": b"\xff\xd8", "notes.txt": b"hi"}), "cannot read calibration image a.jpg"),
+    "no_arrays": (SAMPLE_MODEL, _folder({"notes.txt": b"hi"}), "no .npy or .npz calibration files"),
     "data_is_a_file": (SAMPLE_MODEL, lambda t: SAMPLE_MODEL, "calibration path is not a folder"),
     "corrupt_npy": (SAMPLE_MODEL, _folder({"a.npy": b"garbage"}), "cannot read calibration file a.npy: not a .npy file"),
     "npz_missing_input": (two_input_model(), _folder({"s.npz": {"a": TWO["a"]}}), "s.npz: missing input(s) b"),
@@ -49,7 +50,7 @@ DATA_CASES = {
     "npy_for_two_inputs": (two_input_model(), _folder({"s.npy": TWO["a"]}), ".npy files fit single-input models only"),
     "wrong_rank": (SAMPLE_MODEL, _folder({"a.npy": SAMPLE[0]}), "input 'input' expects float32[?,1,8,8], given float32[1,8,8] (wrong rank)"),
     "wrong_shape": (SAMPLE_MODEL, _folder({"a.npy": np.zeros((1, 1, 9, 8), np.float32)}), "(wrong shape)"),
-    "wrong_dtype": (SAMPLE_MODEL, _folder({"a.npy": SAMPLE.astype(np.float64)}), "given float64[1,1,8,8] (wrong dtype)"),
+    "wrong_dtype": (SAMPLE_MODEL, _folder({"a.npy": SAMPLE.astype(np.float64)}), "given float64[1,1,8,8] (wrong dtype); save it as float32: array.astype(np.float32)"),
     "empty_array": (SAMPLE_MODEL, _folder({"a.npy": np.zeros((0, 1, 8, 8), np.float32)}), "input 'input' is empty"),
     "all_nan": (SAMPLE_MODEL, _folder({"a.npy": _nan_sample()}), "NaN/Inf inputs (first: a.npy)"),
     "ort_fails": (two_input_model(), _folder({"s.npz": {"a": TWO["a"], "b": np.zeros((1, 3, 4, 6), np.float32)}}),

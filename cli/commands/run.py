@@ -35,7 +35,7 @@ from ..text import format_summary, warnings
 @options.min_sqnr
 def run(model, method, data, output, target, percentage, activation_dtype, weight_range, exclude, no_protect, report,
         quiet, input_shapes, strict, fidelity_samples, debug, save_calibration, load_calibration, save_ranges, ranges_file, input_types,
-        output_types, input_ranges, optimize_only, report_samples, min_sqnr):
+        output_types, input_ranges, optimize_only, report_samples, min_sqnr, **data_forms):
     """Optimize, calibrate and quantize MODEL to int8 QDQ ONNX."""
 
     def action():
@@ -66,7 +66,8 @@ def run(model, method, data, output, target, percentage, activation_dtype, weigh
         if in_types or out_types:
             steps = pipeline.with_steps(steps, "insert_qdq", [edit_io_step(in_types, out_types)])
         ctx = pipeline.new_context(model, config, outputs=outputs, inputs=CalibrationInputs(
-            data, tuple(load_calibration), load_ranges(ranges_file) if ranges_file else None))
+            options.data_argument(data, data_forms), tuple(load_calibration),
+            load_ranges(ranges_file) if ranges_file else None))
         pipeline.run(ctx, steps)
         if not quiet:
             click.echo(format_summary(ctx.summary, out))

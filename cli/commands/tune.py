@@ -30,7 +30,7 @@ from ..text import format_summary, format_trial, warnings
 @options.min_sqnr
 def tune(model, eval_script, tolerable_loss, max_trials, methods, data, output, target, percentage, activation_dtype,
          weight_range, exclude, no_protect, report, quiet, input_shapes, strict, fidelity_samples, debug, report_samples,
-         min_sqnr):
+         min_sqnr, **data_forms):
     """Quantize MODEL trying methods, then float fallbacks, until the metric of --eval is
     within --tolerable-loss of the float model's."""
 
@@ -41,7 +41,8 @@ def tune(model, eval_script, tolerable_loss, max_trials, methods, data, output, 
             raise UsageError("--eval is required: a Python file defining evaluate(model_path: str) -> float")
         eval_fn = script_evaluator(eval_script)
         out = output or default_output(model, "int8")
-        result = autotune(model, data, eval_fn, tolerable_loss, max_trials, list(methods) or list(DEFAULT_METHODS),
+        data_arg = options.data_argument(data, data_forms)
+        result = autotune(model, data_arg, eval_fn, tolerable_loss, max_trials, list(methods) or list(DEFAULT_METHODS),
                           input_shapes=options.parse_shapes(input_shapes), target=target, activation_dtype=activation_dtype,
                           weight_range=weight_range, exclude=exclude, protect=not no_protect,
                           percentage=percentage, report_samples=report_samples,
