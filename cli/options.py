@@ -79,7 +79,9 @@ exclude = click.option("--exclude", multiple=True, metavar="NAME|OPTYPE|GLOB",
                        help="Keep float the nodes whose name or op type matches (fnmatch glob; repeatable).")
 no_protect = click.option("--no-protect", is_flag=True,
                           help="Do not keep float the nodes whose int8 scale would crush a tensor.")
-report = click.option("--report", type=click.Path(), help="Write the summary as JSON, with per-tensor SQNR.")
+report = click.option("--report", type=click.Path(),
+                      help="Write the summary with per-tensor SQNR: JSON, or with a .html name one self-contained "
+                           "page with charts (per-tensor SQNR in graph order, every histogram with the ranges).")
 report_samples = click.option("--report-samples", default=DEFAULT_REPORT_SAMPLES, show_default=True,
                               type=click.IntRange(min=0), help="Calibration samples for the per-tensor SQNR.")
 min_sqnr = click.option("--min-sqnr", default=DEFAULT_MIN_SQNR_DB, show_default=True, type=float, metavar="DB",

@@ -23,12 +23,10 @@ from . import pipeline
 from .config import CalibrationInputs, Outputs, QuantizationConfig
 from .errors import UsageError, first_line
 from .pipeline import QuantizationResult
-from .report import DEFAULT_REPORT_SAMPLES, report_summary
+from .report import DEFAULT_REPORT_SAMPLES, report_summary, sqnr_lost
 
 DEFAULT_METHODS = ("MIN_MAX_ASYM", "PERCENTILE_ASYM", "ENTROPY_ASYM", "MSE_ASYM", "SQNR_ASYM")
 FALLBACK_REASON = "autotune fallback (kept float to meet the accuracy goal)"
-# Above this SQNR a tensor's int8 error no longer matters; it also stands in for "exact".
-_CAP_DB = 60.0
 
 
 @dataclass
@@ -82,29 +80,11 @@ def fallback_order(float_model: onnx.ModelProto, plan, entries: Sequence[dict]) 
     deepest ones.  Rank a node instead by the SQNR it loses: the worst of its quantized
     inputs minus its output (capped at 60 dB, so exact tensors count as clean).
     """
-    def capped(entry):
-        if entry["sqnr_db"] is not None:
-            return min(entry["sqnr_db"], _CAP_DB)
-        return 0.0 if entry["mse"] else _CAP_DB  # all-zero signal with noise / exact or unmeasured
-
-    db = {e["tensor"]: capped(e) for e in entries}
-    for out, (source, _) in plan.rescaled.items():  # a folded Mul: its source's values, scaled
-        if source in db:
-            db.setdefault(out, db[source])
-    producers = {out: node for node in float_model.graph.node for out in node.output}
-    quantized = {n.name for n in plan.quantized_nodes}
-    absorbed = {n.name for n in plan.absorbed_nodes}
     damage: dict[str, float] = {}
     damaged_tensor: dict[str, str] = {}
-    for tensor, out_db in db.items():
-        node = producers.get(tensor)
-        if node is not None and node.name in absorbed:  # a folded Relu: its quantized op is upstream
-            node = producers.get(node.input[0])
-        if node is None or node.name not in quantized:
-            continue
-        in_db = min((db[i] for i in node.input if i in db), default=_CAP_DB)
-        if in_db - out_db > damage.get(node.name, -math.inf):
-            damage[node.name], damaged_tensor[node.name] = in_db - out_db, tensor
+    for tensor, (node, lost) in sqnr_lost(float_model, plan, entries).items():
+        if lost > damage.get(node, -math.inf):
+            damage[node], damaged_tensor[node] = lost, tensor
     order = sorted(damage, key=lambda name: (-damage[name], name))
     return [[name, *(c for c in _requantizers(float_model, plan, damaged_tensor[name]) if c != name)] for name in order]
 

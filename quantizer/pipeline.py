@@ -361,10 +361,17 @@ def _summarize(ctx: Context) -> None:
 
 
 def _write_report(ctx: Context) -> str:
-    import json
+    """The summary as JSON; a report file named .html/.htm gets the visual report instead
+    (html_report.py: the same data embedded, plus charts)."""
+    if ctx.outputs.report.suffix.lower() in (".html", ".htm"):
+        from .html_report import quantization_page
 
-    text = json.dumps(ctx.summary.as_dict(), indent=2, sort_keys=True) + "\n"
-    write_atomic(ctx.outputs.report, lambda handle: handle.write(text.encode()), transaction=ctx.transaction)
+        data = quantization_page(ctx).encode("utf-8")
+    else:
+        import json
+
+        data = (json.dumps(ctx.summary.as_dict(), indent=2, sort_keys=True) + "\n").encode()
+    write_atomic(ctx.outputs.report, lambda handle: handle.write(data), transaction=ctx.transaction)
     return str(ctx.outputs.report)
 
 

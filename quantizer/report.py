@@ -9,6 +9,8 @@ accumulated up to T (its own rounding and clipping plus everything upstream).
 
 from __future__ import annotations
 
+import copy
+
 import itertools
 import math
 from typing import Iterable, Mapping
@@ -35,14 +37,36 @@ def dequantized_names(int8_model: onnx.ModelProto) -> dict[str, str]:
     """
     graph = int8_model.graph
     outputs = {o.name for o in graph.output}
-    dq_of = {n.input[0]: n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    # The DequantizeLinear with the quantize's own scale: a Mul folded into a scale
+    # (fold_scalar_mul) reads the same integers with another scale, and is another tensor.
+    dq_of = {(n.input[0], n.input[1]): n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
     mapping = {}
     for node in graph.node:
-        if node.op_type != "QuantizeLinear" or node.output[0] not in dq_of:
+        if node.op_type != "QuantizeLinear" or (node.output[0], node.input[1]) not in dq_of:
             continue
-        dequantized = dq_of[node.output[0]]
+        dequantized = dq_of[(node.output[0], node.input[1])]
         mapping[dequantized if dequantized in outputs else node.input[0]] = dequantized
     return mapping
+
+
+def expose_dequantized(int8_model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """A copy of ``int8_model`` in which every quantized tensor has a DequantizeLinear with
+    its quantize's own parameters (one is added where only rescaled ones read it), and the
+    ``dequantized_names`` mapping of that copy."""
+    model = copy.deepcopy(int8_model)
+    mapping = dequantized_names(model)
+    taken = {name for n in model.graph.node for name in n.output}
+    for node in list(model.graph.node):
+        if node.op_type != "QuantizeLinear" or node.input[0] in mapping:
+            continue
+        name = f"{node.input[0]}_report_dequantized"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        model.graph.node.append(onnx.helper.make_node("DequantizeLinear", [node.output[0], *node.input[1:3]], [name],
+                                                      name=f"{name}_node"))
+        mapping[node.input[0]] = name
+    return model, mapping
 
 
 def _session(model: onnx.ModelProto, extra_outputs: Iterable[str]) -> ort.InferenceSession:
@@ -85,7 +109,7 @@ def measure(float_model: onnx.ModelProto, int8_model: onnx.ModelProto, samples, 
     range, scale, zero_point, grid (the range the parameters represent), sqnr_db (None
     when the int8 tensor is exact), max_abs_error, mse.
     """
-    mapping = dequantized_names(int8_model)
+    int8_model, mapping = expose_dequantized(int8_model)
     tensors = [name for name in params if name in mapping]
     producers = {out: node for node in float_model.graph.node for out in node.output}
     input_names = {s.name for s in input_specs(float_model)}
@@ -140,3 +164,39 @@ def _worst_first(entry: dict) -> tuple:
     if db is None:  # exact (or no signal at all: then any error is the worst)
         db = -math.inf if entry["mse"] else math.inf
     return (db, entry["tensor"])
+
+
+LOSS_CAP_DB = 60.0  # above this an int8 error no longer matters: the SQNR of an exact tensor
+
+
+def capped_sqnr(entry: Mapping) -> float:
+    """A report entry's SQNR capped at LOSS_CAP_DB; 0 for noise on an all-zero signal."""
+    if entry["sqnr_db"] is not None:
+        return min(entry["sqnr_db"], LOSS_CAP_DB)
+    return 0.0 if entry["mse"] else LOSS_CAP_DB  # all-zero signal with noise / exact or unmeasured
+
+
+def sqnr_lost(float_model: onnx.ModelProto, plan, entries) -> dict[str, tuple[str, float]]:
+    """{tensor: (quantized node that makes it, SQNR that node loses)} from report entries.
+
+    A tensor's SQNR holds every error upstream of it, so the worst tensors are simply the
+    deepest ones; a node's loss is the worst of its quantized inputs minus its output
+    (capped, so exact tensors count as clean).  A Mul folded into a DequantizeLinear's
+    scale has its source's SQNR; a Relu folded into a quantize is its producer's."""
+    db = {e["tensor"]: capped_sqnr(e) for e in entries}
+    for out, (source, _) in plan.rescaled.items():
+        if source in db:
+            db.setdefault(out, db[source])
+    producers = {out: node for node in float_model.graph.node for out in node.output}
+    quantized = {n.name for n in plan.quantized_nodes}
+    absorbed = {n.name for n in plan.absorbed_nodes}
+    lost = {}
+    for tensor, out_db in db.items():
+        node = producers.get(tensor)
+        if node is not None and node.name in absorbed:
+            node = producers.get(node.input[0])
+        if node is None or node.name not in quantized:
+            continue
+        in_db = min((db[i] for i in node.input if i in db), default=LOSS_CAP_DB)
+        lost[tensor] = (node.name, in_db - out_db)
+    return lost

@@ -110,7 +110,9 @@ def test_memory_flat_in_number_of_samples():
     samples = [rng.standard_t(3, size=(16, 3, 8, 8)).astype(np.float32) for i in range(64)]
     before, many, after = traced_peak(samples[:8], samples), traced_peak(samples, samples), traced_peak(samples[:8], samples)
     few = max(before, after)  # the same measurement twice: its spread is allocator noise, not streaming
-    assert many <= few * 1.10, (before, many, after)
+    # Within 10 % plus two samples' bytes (allocator noise in a long test session): keeping
+    # even a tenth of the 56 extra samples would add 28 samples' bytes.
+    assert many <= few * 1.10 + 2 * samples[0].nbytes, (before, many, after)
     assert many < 64 * samples[0].nbytes / 4  # far below keeping even the inputs of all samples
 
 

@@ -401,3 +401,24 @@ def test_fusion_report_names_a_quantized_op_onnxruntime_runs_in_float(samples):
 def test_no_fusion_report_for_targets_that_are_not_onnxruntime(samples):
     result = quantize_model(_tanh_model(), samples, target="tflite")
     assert "fusion" not in result.summary and not any(s["step"] == "fusion_report" for s in result.summary["steps"])
+
+
+def test_the_tensor_report_reads_a_folded_mul_source_with_its_own_scale():
+    # s is quantized once and read only by the folded Mul's DequantizeLinear (scale x 0.5):
+    # the report must compare s with s's own parameters, not with that one.
+    rng = np.random.default_rng(21)
+    inits = [_init("w1", rng.normal(0, 0.4, (4, 3, 3, 3)).astype(np.float32)),
+             _init("w0", rng.normal(0, 0.4, (4, 3, 1, 1)).astype(np.float32)),
+             _init("half", np.array(0.5, np.float32))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0"),
+             helper.make_node("Add", ["c1", "c0"], ["s"], name="sum"),
+             helper.make_node("Mul", ["s", "half"], ["m"], name="scale"),  # not foldable into a Conv
+             helper.make_node("Add", ["m", "c0"], ["y"], name="add")]
+    model = make_model(nodes, [float_input(shape=(1, 3, 8, 8))],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    samples = _samples(4)
+    result = quantize_model(model, samples, target="ort-cpu-x86", report_samples=2)
+    assert not any(n.op_type == "Mul" for n in result.model.graph.node)  # folded into a scale
+    entry = next(e for e in result.summary["tensors"] if e["tensor"] == "s")
+    assert entry["sqnr_db"] > 25, entry  # read with half the scale it would be about 0 dB

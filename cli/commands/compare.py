@@ -21,6 +21,8 @@ from ..text import for_cli, one_line
 @click.argument("int8_model", metavar="INT8", type=click.Path(dir_okay=True))
 @options.data
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Also write the comparison as one self-contained HTML page (tables and SVG charts).")
 @click.option("--min-sqnr", "min_sqnr", type=float, default=None, metavar="DB",
               help="Fail (exit 5) when an output's SQNR over all samples is below DB dB. For CI.")
 @click.option("--max-samples", type=click.IntRange(min=1), default=None, metavar="N",
@@ -30,7 +32,7 @@ from ..text import for_cli, one_line
 @click.option("--worst", type=click.IntRange(min=0), default=DEFAULT_WORST, show_default=True, metavar="K",
               help="Name the K samples with the lowest SQNR of each output.")
 @options.debug
-def compare(float_model, int8_model, data, as_json, min_sqnr, max_samples, tensors, worst, debug):
+def compare(float_model, int8_model, data, as_json, html_file, min_sqnr, max_samples, tensors, worst, debug):
     """Compare INT8 with the FLOAT model it was quantized from on every sample of --data:
     per output SQNR, max/mean abs error, cosine similarity, top-1 agreement ([batch,
     classes] outputs) and the worst samples.  Both run in onnxruntime as deployed."""
@@ -42,6 +44,10 @@ def compare(float_model, int8_model, data, as_json, min_sqnr, max_samples, tenso
             raise UsageError("--min-sqnr must be a number of dB, got nan")
         result = compare_models(float_model, int8_model, data, max_samples=max_samples, tensors=tensors,
                                 worst=worst)
+        if html_file:
+            from quantizer.html_report import comparison_page, write_html
+
+            write_html(html_file, comparison_page(result))
         if as_json:
             click.echo(json.dumps(result.as_dict(), indent=2))
         else:
