@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import shutil
+import random
 import statistics
 import subprocess
 import sys
@@ -210,8 +211,9 @@ def latency(unit, models: dict[str, str], runs: int) -> dict[str, float]:
     runs = max(runs, min(MAX_RUNS, int(MIN_TIMED_SECONDS / max(min(warm), 1e-6))))
     times = {label: [] for label in sessions}
     labels = list(sessions)
-    for round_ in range(runs):  # alternate the order, so no model always runs right after another
-        for label in (labels if round_ % 2 == 0 else labels[::-1]):
+    order = random.Random(0)
+    for _ in range(runs):  # a new order every round: no model always runs right after another
+        for label in order.sample(labels, len(labels)):
             start = time.perf_counter()
             unit(sessions[label])
             times[label].append(time.perf_counter() - start)
@@ -420,7 +422,7 @@ def main() -> None:
              "onnxruntime session options (QDQ fused into integer kernels)",
              f"- Latency: median of at least {args.latency_runs} runs of the latency unit (more for a short unit: about "
              f"{MIN_TIMED_SECONDS:g} s per model, at most {MAX_RUNS}) after 2 warm-ups, float and every int8 model "
-             "interleaved round-robin in one process, the order reversed every other round",
+             "interleaved in one process, in a new random order (fixed seed) every round",
              "- Caveats: the memory limit is RLIMIT_AS (address space, not RSS), so a peer MemoryError means its allocations passed 12 GiB of address space; without a limit it may finish given enough RAM. Autotune's time and peak RSS include its task-metric evaluations (one onnxruntime session per trial) and the per-tensor report it ranks fallbacks by; the time/memory targets are checked on the single-call CLI default. det hmean matches DB boxes to rendered line boxes at IoU >= 0.5, which is coarse: an int8 model can score above float while its probability map is far from float's (see SQNR)",
              ""]
     for s in sections:
