@@ -111,7 +111,7 @@ def run_child(script: Path, spec: dict, work: Path, timeout: float, mem_bytes: i
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(Path(script).resolve()), "--one", str(spec_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=limit,
-                            cwd=str(Path(__file__).resolve().parents[1]))
+                            cwd=str(work))  # a peer that drops temporary files in its cwd leaves them in the work dir
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
         timed_out = False
