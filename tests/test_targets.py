@@ -422,3 +422,30 @@ def test_the_tensor_report_reads_a_folded_mul_source_with_its_own_scale():
     assert not any(n.op_type == "Mul" for n in result.model.graph.node)  # folded into a scale
     entry = next(e for e in result.summary["tensors"] if e["tensor"] == "s")
     assert entry["sqnr_db"] > 25, entry  # read with half the scale it would be about 0 dB
+
+
+def test_a_conv_with_bias_reading_a_folded_mul_gets_the_scaled_input_scale():
+    # PP-OCRv5 cls: x * Relu6(x + 3) / 6 -> Conv(bias).  div_by_constant makes the /6 a Mul,
+    # which folds into a DequantizeLinear; the Conv's int32 bias needs that scaled scale.
+    rng = np.random.default_rng(22)
+    inits = [_init("w1", rng.normal(0, 0.4, (4, 3, 3, 3)).astype(np.float32)),
+             _init("w2", rng.normal(0, 0.4, (4, 4, 1, 1)).astype(np.float32)),
+             _init("b2", rng.normal(0, 0.1, 4).astype(np.float32)),
+             _init("three", np.array(3, np.float32)), _init("zero", np.array(0, np.float32)),
+             _init("six", np.array(6, np.float32))]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c1", "three"], ["a"], name="plus3"),
+             helper.make_node("Clip", ["a", "zero", "six"], ["r6"], name="relu6"),
+             helper.make_node("Mul", ["c1", "r6"], ["m"], name="gate"),
+             helper.make_node("Div", ["m", "six"], ["h"], name="div6"),
+             helper.make_node("Conv", ["h", "w2", "b2"], ["y"], name="conv2")]
+    model = make_model(nodes, [float_input(shape=(1, 3, 8, 8))],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits, opset=13)
+    samples = _samples(6)
+    result = quantize_model(model, samples, target="ort-cpu-x86")
+    q = result.model
+    assert not any(n.op_type in ("Div", "HardSwish") for n in q.graph.node)
+    assert any(n.op_type == "DequantizeLinear" and onnx.numpy_helper.to_array(
+        next(i for i in q.graph.initializer if i.name == n.input[0])).dtype == np.int32
+        for n in q.graph.node if any(i.name == n.input[0] for i in q.graph.initializer))  # an int32 bias
+    assert sqnr_db(run(model, samples[0]), run(q, samples[0])) > 20

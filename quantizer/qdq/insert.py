@@ -52,6 +52,15 @@ class _Writer:
         return ir.Node("", "DequantizeLinear", inputs, attrs, outputs=[out], name=self.names(f"{base}_DequantizeLinear"))
 
 
+def _input_scale(plan: QuantPlan, params: Mapping[str, ActivationParams], name: str) -> np.float32:
+    """The scale a quantized op reads its input with: the tensor's own, or for the output
+    of a Mul folded into a DequantizeLinear, its source's scale times the factor."""
+    if name in params:
+        return params[name].scale
+    source, factor = plan.rescaled[name]
+    return np.float32(np.float32(params[source].scale) * np.float32(factor))
+
+
 def group_params(plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], dtype) -> dict[str, ActivationParams]:
     """One parameter set per shared group, from the union of its members' ranges.
     ``dtype``: a dtype name or the target's activation spec (symmetric, scale rule)."""
@@ -99,7 +108,7 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, ranges: Mapping[str, tuple[floa
         if bias_index is not None:
             bias_value = node.inputs[bias_index]
             bias = bias_value.const_value.numpy().astype(np.float32)
-            input_scale = params[node.inputs[0].name].scale
+            input_scale = _input_scale(plan, params, node.inputs[0].name)
             scales = widen_for_bias(scales, bias, input_scale)
             if not weight_rule.is_identity:
                 scales = weight_rule.apply(scales)
