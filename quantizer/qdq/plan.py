@@ -17,9 +17,6 @@ import onnx_ir as ir
 from ..subgraphs import HAS_SUBGRAPHS, has_subgraphs
 from .rules import FIXED_RANGES, SHARED, OpRule, weight_axis
 
-UNIT_RANGE = (0.0, 1.0)
-
-
 def _default_target():
     from ..targets import load_target
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from ..qdq.params import WEIGHT_QMAX
 from ..qdq.rules import KINDS, OUTPUTS, OpRule
 
-ACTIVATION_DTYPES = ("uint8", "int8")
-WEIGHT_QMAX = {"full": 127, "reduced": 63}
+ACTIVATION_DTYPES = ("uint8", "int8")  # the order is the default preference of a file without dtypes
 BIAS_DTYPES = ("int32", "float")
 PLACEMENTS = ("outputs", "inputs")
 
