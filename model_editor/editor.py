@@ -27,6 +27,7 @@ from onnx import TensorProto, helper
 
 from quantizer.errors import ModelError, UsageError
 from quantizer.io_metadata import QuantizedIO, write_io
+from quantizer.ir_values import constant_array
 from quantizer.model_io import load_model
 from quantizer.naming import UniqueNames
 from quantizer.qdq.params import activation_params
@@ -73,23 +74,11 @@ def _graph_names(graph: ir.Graph) -> UniqueNames:
     return UniqueNames(used)
 
 
-def _constant(value: ir.Value | None) -> np.ndarray | None:
-    """The array behind an initializer or a Constant node's output, else None."""
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
-        return producer.attributes["value"].value.numpy()
-    return None
-
-
 def _qdq_params(node: ir.Node, what: str) -> tuple[np.float32, np.integer]:
     """The per-tensor (scale, zero point) of a QuantizeLinear/DequantizeLinear node."""
-    scale = _constant(node.inputs[1])
+    scale = constant_array(node.inputs[1])
     if len(node.inputs) > 2 and node.inputs[2] is not None:
-        zero_point = _constant(node.inputs[2])
+        zero_point = constant_array(node.inputs[2])
     else:  # ONNX default: uint8 0, or the type named by opset 21's output_dtype
         output_dtype = node.attributes.get_int("output_dtype", 0)
         zero_point = helper.tensor_dtype_to_np_dtype(output_dtype or TensorProto.UINT8).type(0)

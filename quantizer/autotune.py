@@ -144,7 +144,8 @@ def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable
 
         def attempt(trial_config: QuantizationConfig, fallback: list[str]) -> Trial:
             nonlocal best
-            trial_ctx = ctx.fork(config=trial_config, keep_float={name: FALLBACK_REASON for name in fallback})
+            trial_ctx = ctx.fork(config=trial_config,
+                               keep_float={**ctx.keep_float, **{name: FALLBACK_REASON for name in fallback}})
             pipeline.run_steps(pipeline.QUANTIZE, trial_ctx)
             metric = _metric(eval_fn(trial_ctx.outcome.model), f"trial {len(trials) + 1}")
             loss = (baseline - metric) / abs(baseline) if baseline else None

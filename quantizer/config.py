@@ -87,6 +87,8 @@ class QuantizationConfig:
     weight_range: "full", "reduced" or "auto" (None/"auto": the target's choice).
     exclude: nodes kept float (a Scope, or names/op types/globs).
     protect: keep float the nodes whose int8 scale would crush a tensor.
+    protect_normalization: keep normalization arithmetic (mean, variance, 1/sqrt written
+    out as ops) float on every target (algorithms/normalization.py).
     report_samples: samples for the per-tensor SQNR report (0: no report).
     range_overrides: ``{tensor: (min, max)}`` replacing calibrated ranges.
     show_progress: progress bar on stderr (None: when stderr is a terminal).
@@ -103,6 +105,7 @@ class QuantizationConfig:
     weight_range: str | None = None
     exclude: Scope = Scope()
     protect: bool = True
+    protect_normalization: bool = True
     report_samples: int = 0
     range_overrides: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     show_progress: bool | None = None

@@ -1,6 +1,6 @@
 """The pipeline: one declared list of steps over one context.
 
-    load -> refuse_quantized -> check_outputs -> check_names -> optimize -> resolve_scope -> check_stage1
+    load -> refuse_quantized -> check_outputs -> check_names -> optimize -> resolve_scope -> keep_normalization_float -> check_stage1
     -> prepare_calibration -> verify_stage1 -> collect -> save_calibration
     -> compute_ranges -> protect -> insert_qdq
     -> refuse_float_copy -> tensor_report -> save_ranges -> write_model -> fusion_report -> summarize
@@ -23,6 +23,8 @@ import onnx
 import onnx_ir as ir
 
 from . import runtime
+from .algorithms.normalization import REASON as NORMALIZATION_REASON
+from .algorithms.normalization import normalization_nodes
 from .calibrate import Calibrator
 from .calibration_state import save_ranges as write_ranges_file
 from .checks import (
@@ -123,8 +125,17 @@ def _resolve_scope(ctx: Context) -> str | None:
     return f"{len(ctx.excluded)} nodes excluded" if ctx.excluded else None
 
 
+def _keep_normalization_float(ctx: Context) -> str | None:
+    """Normalization arithmetic (mean, variance, 1/sqrt) stays float on every target."""
+    for name in [n for n, why in ctx.keep_float.items() if why == NORMALIZATION_REASON]:
+        del ctx.keep_float[name]  # a rerun of stage 1 (conservative) names other nodes
+    found = {n: why for n, why in normalization_nodes(ctx.model.graph).items() if n not in ctx.excluded}
+    ctx.keep_float.update(found)
+    return f"{len(found)} nodes kept float" if found else None
+
+
 def _check_stage1(ctx: Context) -> str:
-    ctx.plan = build_plan(ctx.model, ctx.excluded, ctx.config.resolved_target)
+    ctx.plan = build_plan(ctx.model, ctx.excluded | set(ctx.keep_float), ctx.config.resolved_target)
     ctx.notes.extend(check_stage1(ctx.original, ctx.stage1, ctx.plan))
     return f"{len(ctx.plan.quantized_nodes)} nodes to quantize, {len(ctx.plan.calibrated_tensors)} tensors to calibrate"
 
@@ -132,6 +143,8 @@ def _check_stage1(ctx: Context) -> str:
 STAGE1 = (
     Step("optimize", "optimize", _optimize),
     Step("resolve_scope", "optimize", _resolve_scope),
+    Step("keep_normalization_float", "optimize", _keep_normalization_float,
+         lambda ctx: ctx.config.protect_normalization),
     Step("check_stage1", "optimize", _check_stage1),
 )
 
