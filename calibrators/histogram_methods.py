@@ -560,3 +560,15 @@ def _error_search(stats: TensorStatistics, symmetric: bool, family: str) -> Rang
 
 
 __all__ = ["entropy_range", "mse_range", "percentile_range", "sqnr_range"]
+
+
+def range_errors(stats: TensorStatistics, ranges) -> np.ndarray:
+    """Expected squared quantization error of each (lo, hi) in ``ranges`` over every value
+    the statistics saw: clipping beyond the int8 grid's ends plus rounding inside (the MSE
+    method's objective, evaluated for given ranges).  inf without a histogram."""
+    ranges = np.asarray(ranges, np.float64).reshape(-1, 2)
+    if not stats.with_histogram or stats.count == 0:
+        return np.full(len(ranges), np.inf)
+    prefix = _Prefix(stats.histogram())
+    lo, hi = np.minimum(ranges[:, 0], 0.0), np.maximum(ranges[:, 1], 0.0)
+    return prefix.expected_error(lo, hi)

@@ -11,7 +11,7 @@ import math
 import click
 from quantizer.calibrators import CalibrationMethod
 
-from quantizer.config import DEFAULT_FIDELITY_SAMPLES, DEFAULT_MIN_SQNR_DB, DEFAULT_PERCENTILE
+from quantizer.config import AUTO, DEFAULT_FIDELITY_SAMPLES, DEFAULT_MIN_SQNR_DB, DEFAULT_PERCENTILE
 from quantizer.dataset import DataOptions, DataSpec, ImagePreprocessing
 from quantizer.errors import UsageError
 from quantizer.report import DEFAULT_REPORT_SAMPLES
@@ -19,7 +19,8 @@ from quantizer.report import DEFAULT_REPORT_SAMPLES
 FLAGS = {
     "method": "--calib", "methods": "--calib", "percentile": "--percentile", "input_shapes": "--input-shape",
     "target": "--target", "activation_dtype": "--activation-dtype", "weight_range": "--weight-range", "exclude": "--exclude",
-    "protect=False": "--no-protect", "report_samples": "--report-samples", "range_overrides": "--input-range",
+    "protect=False": "--no-protect", "protect_normalization": "--no-protect-normalization",
+    "bias_correction": "--bias-correction", "accuracy_samples": "--accuracy-samples", "report_samples": "--report-samples", "range_overrides": "--input-range",
     "min_sqnr_db": "--min-sqnr", "strict": "--strict", "fidelity_samples": "--fidelity-samples", "model": "-o", "report": "--report", "save_ranges": "--save-ranges",
     "save_calibration": "--save-calibration", "max_trials": "--max-trials", "tolerable_loss": "--tolerable-loss",
     "ranges": "--ranges", "load_calibration": "--load-calibration",
@@ -40,12 +41,13 @@ def option_group(*options):
     return apply
 
 
-METHODS = ", ".join(m.value.lower() for m in CalibrationMethod)
+METHOD_NAMES = [AUTO, *(m.value.lower() for m in CalibrationMethod)]
+METHODS = ", ".join(METHOD_NAMES)
 
 
 def complete_method(ctx, param, incomplete: str):
     """Shell completion of --calib: the method names that start with what was typed."""
-    return [m.value.lower() for m in CalibrationMethod if m.value.lower().startswith(incomplete.lower())]
+    return [m for m in METHOD_NAMES if m.startswith(incomplete.lower())]
 
 
 def complete_target(ctx, param, incomplete: str):
@@ -79,6 +81,16 @@ exclude = click.option("--exclude", multiple=True, metavar="NAME|OPTYPE|GLOB",
                        help="Keep float the nodes whose name or op type matches (fnmatch glob; repeatable).")
 no_protect = click.option("--no-protect", is_flag=True,
                           help="Do not keep float the nodes whose int8 scale would crush a tensor.")
+no_protect_normalization = click.option(
+    "--no-protect-normalization", is_flag=True,
+    help="Quantize normalization arithmetic written out as ops (mean, variance, 1/sqrt) like any other op "
+         "[default: kept float on every target].")
+bias_correction = click.option("--bias-correction/--no-bias-correction", default=None,
+                               help="Fold the mean output shift that weight rounding causes into each Conv/Gemm "
+                                    "bias [default: off].")
+accuracy_samples = click.option("--accuracy-samples", type=click.IntRange(min=1), default=None, metavar="N",
+                                help="Calibration samples --calib auto and --bias-correction measure on "
+                                     "[default: 4].")
 report = click.option("--report", type=click.Path(),
                       help="Write the summary with per-tensor SQNR: JSON, or with a .html name one self-contained "
                            "page with charts (per-tensor SQNR in graph order, every histogram with the ranges).")
@@ -130,7 +142,19 @@ DATA_OPTIONS = option_group(max_samples, shuffle_seed, preprocess, image_size, i
 
 # What `run` and `tune` both take.
 QUANTIZATION = option_group(data, DATA_OPTIONS, output, target, percentile, activation_dtype, weight_range, exclude,
-                            no_protect, report, quiet, input_shape, strict, fidelity_samples, debug)
+                            no_protect, no_protect_normalization, bias_correction, accuracy_samples, report, quiet,
+                            input_shape, strict, fidelity_samples, debug)
+
+
+def accuracy_steps(no_protect_normalization: bool, bias_correction: bool | None,
+                   accuracy_samples: int | None) -> dict:
+    """The accuracy-step parameters the flags set (unset flags leave the defaults)."""
+    chosen = {"protect_normalization": False} if no_protect_normalization else {}
+    if bias_correction is not None:
+        chosen["bias_correction"] = bias_correction
+    if accuracy_samples is not None:
+        chosen["accuracy_samples"] = accuracy_samples
+    return chosen
 
 
 def parse_shapes(values: tuple[str, ...]) -> dict[str, list[int]]:

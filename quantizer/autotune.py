@@ -25,7 +25,7 @@ from .errors import UsageError, first_line
 from .pipeline import QuantizationResult
 from .report import DEFAULT_REPORT_SAMPLES, report_summary, sqnr_lost
 
-DEFAULT_METHODS = ("MIN_MAX_ASYM", "PERCENTILE_ASYM", "ENTROPY_ASYM", "MSE_ASYM", "SQNR_ASYM")
+DEFAULT_METHODS = ("auto", "MIN_MAX_ASYM", "PERCENTILE_ASYM", "ENTROPY_ASYM", "MSE_ASYM", "SQNR_ASYM")
 FALLBACK_REASON = "autotune fallback (kept float to meet the accuracy goal)"
 
 
@@ -149,7 +149,7 @@ def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable
             pipeline.run_steps(pipeline.QUANTIZE, trial_ctx)
             metric = _metric(eval_fn(trial_ctx.outcome.model), f"trial {len(trials) + 1}")
             loss = (baseline - metric) / abs(baseline) if baseline else None
-            trial = Trial(len(trials) + 1, trial_config.method.value.lower(), list(fallback), metric, metric >= floor, loss)
+            trial = Trial(len(trials) + 1, trial_config.method_name, list(fallback), metric, metric >= floor, loss)
             trials.append(trial)
             if on_trial is not None:
                 on_trial(trial)

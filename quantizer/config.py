@@ -27,6 +27,7 @@ from .targets import (
     load_target,
 )
 
+AUTO = "auto"  # loss-aware choice among the methods' ranges (algorithms/loss_aware.py)
 DEFAULT_PERCENTILE = 99.99
 DEFAULT_MIN_SQNR_DB = 10.0
 DEFAULT_FIDELITY_SAMPLES = 4
@@ -49,6 +50,24 @@ class Scope:
         if not all(isinstance(p, str) for p in items):
             raise UsageError(f"`exclude` takes node names, op types or globs (strings), got {items!r}")
         return cls(tuple(dict.fromkeys(items)))
+
+
+def parse_method(value) -> CalibrationMethod | str:
+    """AUTO or one of the ten methods (case-insensitive); one line naming them all when
+    the name is unknown."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    try:
+        with calibrator_errors():
+            method = CalibrationMethod.parse(value)
+            range_function(method)  # an unimplemented method fails before any work
+    except UsageError as exc:
+        raise UsageError(str(exc).replace("choose one of: ", f"choose {AUTO} or one of: ")) from exc
+    return method
+
+
+def method_name(method: CalibrationMethod | str) -> str:
+    return method if method == AUTO else method.value.lower()
 
 
 def _range_pair(name: str, pair, what: str) -> tuple[float, float]:
@@ -78,7 +97,13 @@ def _shapes(value: Mapping[str, Sequence[int]] | None) -> dict[str, tuple[int, .
 class QuantizationConfig:
     """Every choice of a quantization run.
 
-    method: calibration method (one of the ten names, any case).
+    method: calibration method: "auto" (each tensor's range chosen among the methods'
+    ranges by the error of the block that reads it, on `accuracy_samples` samples) or one of
+    the ten names (any case), which keeps its exact meaning.
+    accuracy_samples: calibration samples the accuracy steps measure on (the ``auto``
+    method's blocks, bias correction's output shifts).
+    bias_correction: subtract from each Conv/Gemm bias the mean output shift its weight
+    rounding causes (algorithms/bias_correction.py).
     percentile: for the PERCENTILE methods, in (0, 100].
     input_shapes: fixed shapes for dynamic inputs, ``{"x": (1, 3, 224, 224)}``.
     target: the backend to quantize for: a preset name ("ort-cpu", the default, resolved
@@ -97,7 +122,8 @@ class QuantizationConfig:
     matches nothing, a crushed tensor that protection cannot save, a percentile below 1.
     """
 
-    method: CalibrationMethod = CalibrationMethod.MIN_MAX_ASYM
+    method: CalibrationMethod | str = CalibrationMethod.MIN_MAX_ASYM
+    accuracy_samples: int = 4
     percentile: float = DEFAULT_PERCENTILE
     input_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     target: Any = DEFAULT_TARGET
@@ -106,6 +132,7 @@ class QuantizationConfig:
     exclude: Scope = Scope()
     protect: bool = True
     protect_normalization: bool = True
+    bias_correction: bool = False
     report_samples: int = 0
     range_overrides: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     show_progress: bool | None = None
@@ -115,9 +142,9 @@ class QuantizationConfig:
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: normalize once, here
-        with calibrator_errors():
-            set_(self, "method", CalibrationMethod.parse(self.method))
-            range_function(self.method)  # an unimplemented method fails before any work
+        set_(self, "method", parse_method(self.method))
+        if isinstance(self.accuracy_samples, bool) or not isinstance(self.accuracy_samples, int) or self.accuracy_samples < 1:
+            raise UsageError(f"`accuracy_samples` must be an integer >= 1, got {self.accuracy_samples!r}")
         try:
             percentile = float(self.percentile)
         except (TypeError, ValueError) as exc:
@@ -142,6 +169,11 @@ class QuantizationConfig:
             raise UsageError(f"`report_samples` must be an integer >= 0, got {self.report_samples!r}")
         set_(self, "range_overrides", {n: _range_pair(n, r, "`range_overrides`")
                                        for n, r in (self.range_overrides or {}).items()})
+
+    @property
+    def method_name(self) -> str:
+        """The method as users write it: "auto", "mse_asym", ..."""
+        return method_name(self.method)
 
     def with_(self, **changes: Any) -> QuantizationConfig:
         """A copy with some fields changed (validated again)."""

@@ -51,6 +51,8 @@ class Context:
     calibrator: Any = None
     ranges_by_method: dict = field(default_factory=dict)  # shared by autotune's forks
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    range_selection: Any = None  # algorithms.loss_aware.Selection (the auto method)
+    bias_corrections: Any = None  # algorithms.bias_correction.Corrections
     protected: list[dict] = field(default_factory=list)
     keep_float: dict[str, str] = field(default_factory=dict)  # node -> reason, beyond exclude
     outcome: Any = None  # quantize.QuantizeOutcome

@@ -1,8 +1,8 @@
 """The pipeline: one declared list of steps over one context.
 
     load -> refuse_quantized -> check_outputs -> check_names -> optimize -> resolve_scope -> keep_normalization_float -> check_stage1
-    -> prepare_calibration -> verify_stage1 -> collect -> save_calibration
-    -> compute_ranges -> protect -> insert_qdq
+    -> prepare_calibration -> verify_stage1 -> collect -> save_calibration -> correct_bias
+    -> choose_ranges -> compute_ranges -> protect -> insert_qdq
     -> refuse_float_copy -> tensor_report -> save_ranges -> write_model -> fusion_report -> summarize
     -> write_report -> commit
 
@@ -34,7 +34,9 @@ from .checks import (
     refuse_ambiguous_names,
     refuse_quantized,
 )
-from .config import CalibrationInputs, Outputs, QuantizationConfig
+from .algorithms import bias_correction, loss_aware
+from quantizer.calibrators import CalibrationMethod, range_errors
+from .config import AUTO, CalibrationInputs, Outputs, QuantizationConfig, method_name
 from .context import Context, Written
 from .dataset import DataSource, input_specs
 from .errors import ModelError, StrictError
@@ -156,8 +158,10 @@ def _calibrates(ctx: Context) -> bool:
 
 
 def _prepare_calibration(ctx: Context) -> str | None:
-    keep = ctx.keep_histograms or bool(ctx.outputs.save_calibration or ctx.inputs.states or ctx.config.protect)
-    ctx.calibrator = Calibrator(ctx.stage1, ctx.config.method, ctx.config.percentile,
+    auto = ctx.config.method == AUTO
+    keep = ctx.keep_histograms or auto or bool(ctx.outputs.save_calibration or ctx.inputs.states or ctx.config.protect)
+    ctx.calibrator = Calibrator(ctx.stage1, CalibrationMethod.MSE_ASYM if auto else ctx.config.method,
+                                ctx.config.percentile,
                                 show_progress=ctx.config.show_progress, keep_histograms=True if keep else None,
                                 tensors=ctx.plan.calibrated_tensors)
     for state in ctx.inputs.states:
@@ -230,6 +234,28 @@ def _collect(ctx: Context) -> str:
     return f"{ctx.calibrator.samples_seen} samples, {len(ctx.calibrator.tensors)} tensors"
 
 
+def _static_shapes(ctx: Context) -> dict:
+    """{tensor: shape} from stage 1's shape inference (the accuracy steps' memory estimate)."""
+    return {v.name: v.shape for node in ctx.model.graph for v in node.outputs if v.shape is not None}
+
+
+def _accuracy_samples(ctx: Context) -> list[dict]:
+    return [sample for _, sample in ctx.data.named_samples(input_specs(ctx.original), ctx.config.accuracy_samples)]
+
+
+def _correct_bias(ctx: Context) -> str | None:
+    """Bias correction: each Conv/Gemm bias absorbs the mean shift its weight rounding causes."""
+    samples = _accuracy_samples(ctx)
+    if not samples:
+        return None
+    corrections = bias_correction.correct_biases(ctx.stage1, ctx.plan, ctx.config.resolved_target.weights, samples,
+                                                 shapes=_static_shapes(ctx), show_progress=ctx.config.show_progress)
+    ctx.stage1 = bias_correction.apply(ctx.stage1, corrections)
+    ctx.bias_corrections = corrections
+    summary = corrections.summary()
+    return f"{summary['corrected']} biases corrected (median shift {summary['median_relative_shift']:.2%} of the output RMS)"
+
+
 def _save_calibration(ctx: Context) -> str:
     ctx.calibrator.save_state(ctx.outputs.save_calibration, transaction=ctx.transaction)
     return str(ctx.outputs.save_calibration)
@@ -240,19 +266,67 @@ PREPARE_CALIBRATION = Step("prepare_calibration", "calibrate", _prepare_calibrat
 
 # -- stage 3 ---------------------------------------------------------------------------
 
+def _auto_methods(ctx: Context) -> list[CalibrationMethod]:
+    """The methods whose ranges ``auto`` chooses among, in the target's form, min_max first."""
+    form = "SYM" if ctx.config.resolved_target.activations.symmetric else "ASYM"
+    return [CalibrationMethod(f"{family}_{form}") for family in loss_aware.FAMILIES]
+
+
+def _method_ranges(ctx: Context, method: CalibrationMethod) -> dict:
+    if method not in ctx.ranges_by_method:  # shared by autotune's forks
+        ctx.ranges_by_method[method] = ctx.calibrator.compute_range(method)
+    return ctx.ranges_by_method[method]
+
+
+def _choose_ranges(ctx: Context) -> str:
+    """The ``auto`` method: each tensor's range chosen by the error of its block."""
+    methods = _auto_methods(ctx)
+    samples = _accuracy_samples(ctx)
+    if not samples:  # statistics from saved states only: no block can be measured
+        fallback = methods[loss_aware.FAMILIES.index("MSE")]
+        ctx.ranges_by_method[AUTO] = _method_ranges(ctx, fallback)
+        ctx.notes.append(f"auto: no calibration samples to measure blocks on; used {method_name(fallback)}")
+        return f"no samples: {method_name(fallback)}"
+    per_method = {method_name(m): _method_ranges(ctx, m) for m in methods}
+    statistics = ctx.calibrator.statistics
+    selection = loss_aware.choose_ranges(ctx.stage1, per_method, samples, ctx.config.resolved_target.activations,
+                                         shapes=_static_shapes(ctx), show_progress=ctx.config.show_progress,
+                                         full_data_errors=lambda name, ranges: range_errors(statistics[name], ranges))
+
+    float_session = runtime.session(ctx.stage1)
+    references = [float_session.run(None, dict(sample)) for sample in samples]
+    keep = ctx.excluded | set(ctx.keep_float)
+
+    def quantized_session(ranges):
+        outcome = insert(ir.from_proto(ctx.stage1), {**ranges, **ctx.config.range_overrides}, exclude=keep,
+                         target=ctx.config.resolved_target)
+        return runtime.session(outcome.model)
+
+    totals = selection.method_totals()
+    checked = sorted(per_method, key=lambda name: (totals.get(name, float("inf")), list(per_method).index(name)))
+    candidates = {loss_aware.PER_TENSOR: selection.ranges,
+                  **{name: per_method[name] for name in checked[:loss_aware.CHECKED_METHODS]}}
+    selection.picked, selection.network_db = loss_aware.pick_by_output(candidates, quantized_session,
+                                                                       samples, references)
+    ctx.range_selection = selection
+    ctx.ranges_by_method[AUTO] = candidates[selection.picked]
+    chosen = selection.summary()["chosen"]
+    by_tensor = ", ".join(f"{name} {count}" for name, count in sorted(chosen.items(), key=lambda kv: -kv[1]))
+    return (f"{selection.picked} ({selection.network_db[selection.picked]:.1f} dB on {len(samples)} samples); "
+            f"per tensor: {by_tensor}")
+
+
 def _compute_ranges(ctx: Context) -> str:
     method = ctx.config.method
     if ctx.inputs.ranges is not None:
         ranges = validate_ranges(ctx.inputs.ranges)
     else:
-        if method not in ctx.ranges_by_method:
-            ctx.ranges_by_method[method] = ctx.calibrator.compute_range(method)
-        ranges = ctx.ranges_by_method[method]
+        ranges = ctx.ranges_by_method[AUTO] if method == AUTO else _method_ranges(ctx, method)
     ctx.ranges = {**ranges, **ctx.config.range_overrides}
-    if ctx.inputs.ranges is None and method.family == "PERCENTILE" and ctx.config.percentile < 1:
+    if ctx.inputs.ranges is None and method != AUTO and method.family == "PERCENTILE" and ctx.config.percentile < 1:
         _warn(ctx, f"`percentile` {ctx.config.percentile:g} is below 1: it is a percentage "
                    f"(99.99 keeps 99.99 % of the values), not a fraction; did you mean {ctx.config.percentile * 100:g}?")
-    return f"{len(ctx.ranges)} ranges ({'given' if ctx.inputs.ranges is not None else method.value.lower()})"
+    return f"{len(ctx.ranges)} ranges ({'given' if ctx.inputs.ranges is not None else method_name(method)})"
 
 
 def _protect(ctx: Context) -> str | None:
@@ -276,6 +350,8 @@ def _insert_qdq(ctx: Context) -> str:
 
 
 QUANTIZE = (
+    Step("choose_ranges", "calibrate", _choose_ranges,
+         lambda ctx: ctx.config.method == AUTO and ctx.inputs.ranges is None and AUTO not in ctx.ranges_by_method),
     Step("compute_ranges", "quantize", _compute_ranges),
     Step("protect", "quantize", _protect, lambda ctx: ctx.config.protect),
     Step("insert_qdq", "quantize", _insert_qdq),
@@ -336,9 +412,35 @@ def _write_model(ctx: Context) -> str:
             ctx.notes.append(f"fidelity on {over}: output SQNR {values}")
         warning = fidelity.warning()
         if warning:
-            ctx.notes.append(f"warning: {warning}")
+            hint = _clipping_hint(ctx)
+            ctx.notes.append(f"warning: {warning}" + (f"; {hint}" if hint else ""))
             ctx.strict_violations.append(warning)
     return f"{size} bytes"
+
+
+CLIPPED_SHARE = 0.25  # a range whose bound is under this share of the observed max |x| clips hard
+
+
+def _clipping_hint(ctx: Context) -> str | None:
+    """When ENTROPY ranged the model and the output is poor, name its clipping as the
+    likely cause: it cuts heavy tails whose outliers carry signal (attention, HardSwish)."""
+    method = ctx.config.method
+    if method == AUTO or method.family != "ENTROPY" or ctx.calibrator is None:
+        return None
+    clipped = []
+    for name, (low, high) in ctx.ranges.items():
+        stats = ctx.calibrator.statistics.get(name)
+        if stats is None or stats.count == 0:
+            continue
+        observed = max(abs(stats.minimum), abs(stats.maximum))
+        if observed > 0 and max(abs(low), abs(high)) < CLIPPED_SHARE * observed:
+            clipped.append((max(abs(low), abs(high)) / observed, name))
+    if not clipped:
+        return None
+    share, name = min(clipped)
+    return (f"likely cause: {method_name(method)} clipped {len(clipped)} tensors to under "
+            f"{CLIPPED_SHARE:.0%} of their observed max |x| (e.g. '{name}' to {share:.0%}); heavy-tailed "
+            "activations whose outliers carry signal lose them: try `method` auto or mse_asym")
 
 
 def _enforce_strict(ctx: Context) -> None:
@@ -403,6 +505,8 @@ PREPARE = (
     Step("collect", "calibrate", _collect, lambda ctx: _calibrates(ctx) and ctx.data.source is not None),
     Step("save_calibration", "calibrate", _save_calibration,
          lambda ctx: _calibrates(ctx) and ctx.outputs.save_calibration is not None),
+    Step("correct_bias", "calibrate", _correct_bias,
+         lambda ctx: ctx.config.bias_correction and ctx.data.source is not None),
 )
 FINISH = (
     Step("refuse_float_copy", "quantize", _refuse_float_copy),

@@ -25,9 +25,12 @@ def with_extra_outputs(model: onnx.ModelProto, tensors) -> onnx.ModelProto:
     observed = onnx.ModelProto()
     observed.CopyFrom(model)
     existing = {o.name for o in observed.graph.output}
+    known = {v.name: v.type.tensor_type.elem_type for v in observed.graph.value_info
+             if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type}
     for name in tensors:
         if name not in existing:
-            observed.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            elem_type = known.get(name, onnx.TensorProto.FLOAT)  # calibrated tensors are float
+            observed.graph.output.append(onnx.helper.make_tensor_value_info(name, elem_type, None))
     return observed
 
 

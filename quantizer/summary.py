@@ -52,10 +52,13 @@ class CalibrationSummary:
     nonfinite_values: dict[str, int] = field(default_factory=dict)
     nonfinite_samples: tuple[str, ...] = ()
     overridden: dict[str, list[float]] = field(default_factory=dict)
+    selection: dict | None = None  # the auto method: which candidates won, by how much
 
     def as_dict(self) -> dict:
         out = {"method": self.method, "samples": self.samples, "tensors": self.tensors,
                "nonfinite_values": dict(self.nonfinite_values), "nonfinite_samples": list(self.nonfinite_samples)}
+        if self.selection is not None:
+            out["auto"] = dict(self.selection)
         if self.overridden:
             out["overridden"] = dict(self.overridden)
         return out
@@ -141,10 +144,11 @@ def build_summary(ctx) -> Summary:
     calibrator = ctx.calibrator
     if calibrator is not None and ctx.inputs.ranges is None:
         calibration = CalibrationSummary(
-            method=ctx.config.method.value.lower(), samples=calibrator.samples_seen, tensors=len(ctx.ranges),
+            method=ctx.config.method_name, samples=calibrator.samples_seen, tensors=len(ctx.ranges),
             nonfinite_values={n: s.nonfinite for n, s in calibrator.statistics.items() if s.nonfinite},
             nonfinite_samples=tuple(calibrator.nonfinite_samples),
             overridden={n: list(map(float, r)) for n, r in ctx.config.range_overrides.items()},
+            selection=ctx.range_selection.summary() if ctx.range_selection is not None else None,
         )
     else:
         calibration = CalibrationSummary(

@@ -33,8 +33,8 @@ from ..text import format_summary, warnings
 @click.option("--optimize-only", is_flag=True, help="Write the stage-1 (optimized float) model only.")
 @options.report_samples
 @options.min_sqnr
-def run(model, method, data, output, target, percentage, activation_dtype, weight_range, exclude, no_protect, report,
-        quiet, input_shapes, strict, fidelity_samples, debug, save_calibration, load_calibration, save_ranges, ranges_file, input_types,
+def run(model, method, data, output, target, percentage, activation_dtype, weight_range, exclude, no_protect,
+        no_protect_normalization, bias_correction, accuracy_samples, report, quiet, input_shapes, strict, fidelity_samples, debug, save_calibration, load_calibration, save_ranges, ranges_file, input_types,
         output_types, input_ranges, optimize_only, report_samples, min_sqnr, **data_forms):
     """Optimize, calibrate and quantize MODEL to int8 QDQ ONNX."""
 
@@ -58,6 +58,7 @@ def run(model, method, data, output, target, percentage, activation_dtype, weigh
             weight_range=weight_range, exclude=exclude, protect=not no_protect,
             report_samples=report_samples if report else 0, range_overrides=overrides,
             show_progress=False if quiet else None, strict=strict,
+            **options.accuracy_steps(no_protect_normalization, bias_correction, accuracy_samples),
         )
         out = output or default_output(model, "int8")
         outputs = Outputs(model=out, report=report, save_ranges=save_ranges, save_calibration=save_calibration,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from quantizer.autotune import DEFAULT_METHODS, autotune, script_evaluator
-from quantizer.config import Outputs
+from quantizer.config import Outputs, QuantizationConfig
 from quantizer.errors import UsageError
 
 from .. import options
@@ -29,7 +29,7 @@ from ..text import format_summary, format_trial, warnings
               help="Calibration samples for the per-tensor SQNR that ranks the fallback nodes.")
 @options.min_sqnr
 def tune(model, eval_script, tolerable_loss, max_trials, methods, data, output, target, percentage, activation_dtype,
-         weight_range, exclude, no_protect, report, quiet, input_shapes, strict, fidelity_samples, debug, report_samples,
+         weight_range, exclude, no_protect, no_protect_normalization, bias_correction, accuracy_samples, report, quiet, input_shapes, strict, fidelity_samples, debug, report_samples,
          min_sqnr, **data_forms):
     """Quantize MODEL trying methods, then float fallbacks, until the metric of --eval is
     within --tolerable-loss of the float model's."""
@@ -42,7 +42,9 @@ def tune(model, eval_script, tolerable_loss, max_trials, methods, data, output, 
         eval_fn = script_evaluator(eval_script)
         out = output or default_output(model, "int8")
         data_arg = options.data_argument(data, data_forms)
+        steps = options.accuracy_steps(no_protect_normalization, bias_correction, accuracy_samples)
         result = autotune(model, data_arg, eval_fn, tolerable_loss, max_trials, list(methods) or list(DEFAULT_METHODS),
+                          config=QuantizationConfig(**steps) if steps else None,
                           input_shapes=options.parse_shapes(input_shapes), target=target, activation_dtype=activation_dtype,
                           weight_range=weight_range, exclude=exclude, protect=not no_protect,
                           percentage=percentage, report_samples=report_samples,

@@ -1,0 +1,161 @@
+"""Accuracy algorithms, one at a time (issue: accuracy algorithms): task metric, output SQNR
+and quantize time of each configuration on the models of the accuracy suite.
+
+Every configuration is a set of QuantizationConfig parameters (CONFIGS); the table has one
+row per model and configuration, so each algorithm's contribution reads off as the
+difference between two rows (the ablation).  Data comes from benchmarks/tasks.py, as in
+bench_accuracy.py; ``--work DIR`` keeps it between runs.
+
+    pip install -e ".[bench]"; apt install espeak-ng
+    python benchmarks/bench_algorithms.py [--models det,rec] [--configs default,auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench_accuracy import SIZES, read_samples, session, sqnr_db
+from common import cpu_model, write_results_section
+from tasks import TASKS
+
+HERE = Path(__file__).resolve().parent
+SECTION = "## Accuracy algorithms: ablation on the accuracy suite (issue: accuracy algorithms)"
+# name -> QuantizationConfig parameters (the rest are the defaults).
+CONFIGS = {
+    "min_max_asym": {"method": "min_max_asym"},
+    "entropy_asym": {"method": "entropy_asym"},
+    "mse_asym": {"method": "mse_asym"},
+    "percentile_asym": {"method": "percentile_asym"},
+    "default": {},
+    "auto": {"method": "auto"},
+    "auto + bias correction": {"method": "auto", "bias_correction": True},
+    "mse + bias correction": {"method": "mse_asym", "bias_correction": True},
+    "no normalization protection": {"protect_normalization": False},
+}
+DEFAULT_CONFIGS = "min_max_asym,entropy_asym,mse_asym,default"
+
+
+def git_head() -> str:
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def evaluate(name: str, task, work: Path, configs: list[str]) -> list[dict]:
+    from quantizer import quantize_model
+    from quantizer.config import QuantizationConfig
+
+    model = str(task.model_path())
+    float_session = session(model)
+    float_metric, float_outputs = task.evaluate(float_session, work)
+    names = [i.name for i in float_session.get_inputs()]
+    infer = time.perf_counter()
+    for feed in read_samples(work / "calib", names):
+        float_session.run(None, feed)
+    infer = time.perf_counter() - infer
+    rows = [{"model": name, "config": "float", "metric": float_metric, "sqnr_db": None, "seconds": None,
+             "infer_seconds": infer}]
+    for label in configs:
+        params = {"show_progress": False, **CONFIGS[label]}
+        start = time.perf_counter()
+        try:
+            result = quantize_model(model, str(work / "calib"), config=QuantizationConfig(**{
+                k: v for k, v in params.items() if k != "show_progress"}), show_progress=False)
+        except Exception as exc:  # a configuration that fails is a row too
+            rows.append({"model": name, "config": label, "error": f"{type(exc).__name__}: {exc}"})
+            print(f"[{name}] {label}: FAILED {exc}", flush=True)
+            continue
+        seconds = time.perf_counter() - start
+        metric, outputs = task.evaluate(session(result.model), work)
+        row = {"model": name, "config": label, "metric": metric, "sqnr_db": sqnr_db(float_outputs, outputs),
+               "seconds": seconds, "changed": {s["step"]: s["changed"] for s in result.summary["steps"]
+                                               if s["step"] in ("choose_ranges", "correct_bias",
+                                                                "keep_normalization_float") and s["changed"]}}
+        rows.append(row)
+        print(f"[{name}] {label}: {task.metric} {metric:.3f}, SQNR {row['sqnr_db']:.2f} dB, {seconds:.1f} s "
+              f"{row['changed']}", flush=True)
+        del result
+        gc.collect()
+    return rows
+
+
+def table(task_by_model: dict, rows: list[dict]) -> list[str]:
+    lines = ["| model | configuration | metric | vs float | output SQNR dB | quantize s | x plain inference |",
+             "|---|---|---|---|---|---|---|"]
+    floats = {r["model"]: r for r in rows if r["config"] == "float"}
+    for r in rows:
+        task = task_by_model[r["model"]]
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['config']} | failed: {r['error'][:80]} | | | | |")
+            continue
+        if r["config"] == "float":
+            lines.append(f"| {r['model']} | float | {task.metric} {r['metric']:.3f} | | | | |")
+            continue
+        f = floats[r["model"]]
+        delta = r["metric"] - f["metric"]
+        lines.append(f"| {r['model']} | {r['config']} | {r['metric']:.3f} | {delta:+.3f} | {r['sqnr_db']:.2f} | "
+                     f"{r['seconds']:.1f} | {r['seconds'] / f['infer_seconds']:.1f}x |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="digits,det,rec,vad,encoder")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma list of: {', '.join(CONFIGS)}")
+    parser.add_argument("--work", help="data folder kept between runs (default: a temporary one)")
+    parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    args = parser.parse_args()
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        sys.exit(f"unknown configuration(s) {unknown}; choose from {', '.join(CONFIGS)}")
+    import onnxruntime as ort
+
+    root = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_algorithms_"))
+    root.mkdir(parents=True, exist_ok=True)
+    os.chdir(root)  # tools that write beside their cwd write here
+    rows, tasks = [], {}
+    for name in [m for m in args.models.split(",") if m]:
+        task, work = TASKS[name], root / name
+        tasks[name] = task
+        if not (work / "calib").is_dir():
+            work.mkdir(parents=True, exist_ok=True)
+            task.build(work, *SIZES[name])
+        rows += evaluate(name, task, work, configs)
+        (root / "rows.json").write_text(json.dumps(rows, indent=1, default=str))
+    cmd = "python benchmarks/bench_algorithms.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+    lines = [SECTION, "",
+             f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; quantizer git {git_head()}",
+             f"- Command: `{cmd}` (from the repo root, after `pip install -e \".[bench]\"` and `apt install espeak-ng`)",
+             f"- CPU: {cpu_model()} ({os.cpu_count()} logical cores, shared); onnxruntime {ort.__version__}, "
+             f"Python {platform.python_version()}",
+             "- Each row: `quantize_model(model, calib, config=QuantizationConfig(...))` with the parameters named "
+             "(`default` = no parameters: what the CLI runs), target ort-cpu for this machine; metric on the "
+             "held-out eval set; SQNR over all outputs of the eval set; quantize s = the whole call; "
+             "x plain inference = quantize s / float inference over the calibration samples in the same process",
+             "", *table(tasks, rows), ""]
+    text = "\n".join(lines) + "\n"
+    print("\n" + text)
+    if not args.no_write:
+        write_results_section(SECTION, text)
+    if not args.work:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The accuracy steps: loss-aware range choice (``auto``) and bias correction, against
+numpy references and the float model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from builders import _init, make_model
+from conftest import run, sqnr_db
+from quantizer import quantize_model
+from quantizer.algorithms import bias_correction, loss_aware
+from quantizer.config import QuantizationConfig
+from quantizer.qdq.params import spec_params
+from quantizer.qdq.plan import build_plan
+from quantizer.targets import load_target
+import onnx_ir as ir
+
+D = 16
+
+
+def _mlp(seed: int = 0) -> onnx.ModelProto:
+    """x -> MatMul -> Relu -> MatMul -> y: the block of h1 is (relu, MatMul)."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h1"], name="mm1"),
+             helper.make_node("Relu", ["h1"], ["r1"], name="relu"),
+             helper.make_node("MatMul", ["r1", "w2"], ["y"], name="mm2")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", D])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", D])],
+                      [_init("w1", rng.normal(0, 0.5, (D, D)).astype(np.float32)),
+                       _init("w2", rng.normal(0, 0.5, (D, D)).astype(np.float32))])
+
+
+def _heavy_samples(count: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"x": (rng.standard_t(2, (64, D)) * 0.5).astype(np.float32)} for _ in range(count)]
+
+
+def test_candidates_start_with_min_max_and_drop_near_duplicates():
+    per_method = {"min_max_asym": (-4.0, 8.0), "mse_asym": (-2.0, 4.0), "sqnr_asym": (-2.0001, 4.0001),
+                  "entropy_asym": (-1.0, 1.0)}
+    names = [name for name, _ in loss_aware.candidate_ranges(per_method)]
+    assert names[0] == "min_max_asym"
+    assert "sqnr_asym" not in names  # within 0.5 % of the min-max width of mse_asym's range
+    assert "min_max_asym x0.5" not in names  # (-2, 4): mse_asym's range again
+    assert {"mse_asym", "entropy_asym", "min_max_asym x0.75", "min_max_asym x0.3"} <= set(names)
+
+
+def test_block_choice_matches_a_numpy_brute_force():
+    """h1's choice must be the candidate minimizing the error of relu(h1) @ w2, computed
+    here in numpy on the same samples (tensors are measured one at a time)."""
+    model = _mlp()
+    samples = _heavy_samples(2, 1)
+    w1, w2 = (onnx.numpy_helper.to_array(t) for t in model.graph.initializer)
+    spec = load_target("ort-cpu").activations
+    h1 = [s["x"] @ w1 for s in samples]
+    per_method = {"min_max_asym": (float(min(h.min() for h in h1)), float(max(h.max() for h in h1))),
+                  "narrow": (-1.0, 1.0), "middle": (-3.0, 3.5)}
+    options = loss_aware.candidate_ranges(per_method)
+
+    def block_error(low, high):
+        total = 0.0
+        for h in h1:
+            p = spec_params(low, high, spec)
+            deq = (p.quantize(h).astype(np.float32) - float(int(p.zero_point))) * p.scale
+            ref, got = np.maximum(h, 0) @ w2, np.maximum(deq, 0) @ w2
+            total += float(np.sum((got - ref) ** 2) / np.sum(ref ** 2))
+        return total
+
+    errors = [block_error(*r) for _, r in options]
+    selection = loss_aware.choose_ranges(model, {m: {"h1": r} for m, r in per_method.items()}, samples, spec)
+    choice = selection.choices["h1"]
+    best = int(np.argmin(errors))
+    if errors[best] > errors[0] * (1 - loss_aware.MIN_GAIN):
+        best = 0
+    assert choice.method == options[best][0]
+    assert choice.loss == pytest.approx(errors[best], rel=1e-3)
+    assert choice.min_max_loss == pytest.approx(errors[0], rel=1e-3)
+
+
+@pytest.mark.parametrize("target", ["ort-cpu", "tensorrt"])
+def test_auto_is_at_least_the_best_single_method_on_its_samples(target):
+    model = _mlp(3)
+    calib, held_out = _heavy_samples(16, 2), _heavy_samples(8, 4)
+    auto = quantize_model(model, calib, "auto", target=target)
+    info = auto.summary["calibration"]["auto"]
+    scores = info["output_sqnr_db"]
+    assert info["picked"] in scores and len(scores) == 1 + loss_aware.CHECKED_METHODS
+    assert scores[info["picked"]] >= max(scores.values()) - loss_aware.SWITCH_MARGIN_DB
+    methods = ["min_max", "mse", "entropy", "percentile", "sqnr"]
+    form = "sym" if target == "tensorrt" else "asym"
+    held = {m: np.mean([sqnr_db(run(model, s), run(quantize_model(model, calib, f"{m}_{form}", target=target).model, s))
+                            for s in held_out]) for m in methods}
+    ours = np.mean([sqnr_db(run(model, s), run(auto.model, s)) for s in held_out])
+    assert ours >= sorted(held.values())[-2] - 0.5  # at worst the runner-up method on held-out data (mean dB)
+
+
+def _depthwise(seed: int = 0) -> onnx.ModelProto:
+    """Relu -> depthwise 3x3 Conv (few taps: rounding errors that do not cancel)."""
+    rng = np.random.default_rng(seed)
+    c = 8
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w", "b"], ["y"], name="dw", group=c, kernel_shape=[3, 3], pads=[1, 1, 1, 1])]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 12, 12])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 12, 12])],
+                      [_init("w", rng.normal(0, 1, (c, 1, 3, 3)).astype(np.float32)),
+                       _init("b", rng.normal(0, 0.1, c).astype(np.float32))])
+
+
+def _positive_samples(count: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [{"x": (rng.normal(1.0, 1.0, (1, 8, 12, 12))).astype(np.float32)} for _ in range(count)]
+
+
+def test_bias_shift_matches_a_numpy_reference():
+    model = onnx.shape_inference.infer_shapes(_depthwise())  # as stage 1 leaves it
+    samples = _positive_samples(3, 0)
+    target = load_target("ort-cpu")
+    plan = build_plan(ir.from_proto(model), set(), target)
+    found = bias_correction.correct_biases(model, plan, target.weights, samples)
+    w = onnx.numpy_helper.to_array(model.graph.initializer[0])
+    b = onnx.numpy_helper.to_array(model.graph.initializer[1])
+    delta = bias_correction._quantized_weight(w, 0, target.weights) - w
+    shifts = []
+    for s in samples:  # the depthwise conv of relu(x) with W_q - W, written out
+        r = np.pad(np.maximum(s["x"][0], 0), ((0, 0), (1, 1), (1, 1)))
+        out = np.zeros((8, 12, 12))
+        for i in range(3):
+            for j in range(3):
+                out += delta[:, 0, i, j, None, None] * r[:, i:i + 12, j:j + 12]
+        shifts.append(out.mean(axis=(1, 2)))
+    np.testing.assert_allclose(found.biases["b"], b - np.mean(shifts, axis=0), rtol=1e-4, atol=1e-6)
+
+
+def test_bias_correction_removes_the_mean_output_error():
+    model = _depthwise(1)
+    calib, held_out = _positive_samples(8, 1), _positive_samples(8, 2)
+    plain = quantize_model(model, calib, config=QuantizationConfig(method="min_max_asym"))
+    corrected = quantize_model(model, calib, config=QuantizationConfig(method="min_max_asym", bias_correction=True))
+    assert any(s["step"] == "correct_bias" and s["changed"] for s in corrected.summary["steps"])
+
+    def mean_error(result):
+        errors = [(run(result.model, s) - run(model, s)).mean(axis=(0, 2, 3)) for s in held_out]
+        return float(np.abs(np.mean(errors, axis=0)).max())
+
+    assert mean_error(corrected) < 0.5 * mean_error(plain)
