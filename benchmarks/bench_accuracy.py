@@ -40,7 +40,7 @@ PEERS = ["MinMax", "Entropy", "Percentile"]
 DEFAULT_METHOD = "min_max_asym"
 SIZES = {  # calibration samples, eval samples
     "digits": (64, 0), "det": (32, 16), "rec": (64, 256), "vad": (24, 16), "vad_sequence": (24, 16),
-    "vad_openvino": (24, 16), "encoder": (64, 256),
+    "vad_openvino": (24, 16), "encoder": (64, 256), "detector": (32, 48),
 }
 
 

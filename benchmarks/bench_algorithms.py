@@ -56,6 +56,16 @@ def git_head() -> str:
         return "unknown"
 
 
+def cosine(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
+    """Mean cosine similarity to float of each output's rows (axis 0), all outputs pooled."""
+    values = []
+    for f, q in zip(reference, outputs):
+        f, q = f.reshape(len(f), -1).astype(np.float64), q.reshape(len(q), -1).astype(np.float64)
+        norms = np.linalg.norm(f, axis=1) * np.linalg.norm(q, axis=1)
+        values.extend(np.sum(f * q, axis=1) / np.where(norms > 0, norms, 1.0))
+    return float(np.mean(values))
+
+
 def evaluate(name: str, task, work: Path, configs: list[str]) -> list[dict]:
     from quantizer import quantize_model
     from quantizer.config import QuantizationConfig
@@ -83,11 +93,13 @@ def evaluate(name: str, task, work: Path, configs: list[str]) -> list[dict]:
         seconds = time.perf_counter() - start
         metric, outputs = task.evaluate(session(result.model), work)
         row = {"model": name, "config": label, "metric": metric, "sqnr_db": sqnr_db(float_outputs, outputs),
+               "cosine": cosine(float_outputs, outputs),
                "seconds": seconds, "changed": {s["step"]: s["changed"] for s in result.summary["steps"]
                                                if s["step"] in ("choose_ranges", "correct_bias",
                                                                 "keep_normalization_float") and s["changed"]}}
         rows.append(row)
-        print(f"[{name}] {label}: {task.metric} {metric:.3f}, SQNR {row['sqnr_db']:.2f} dB, {seconds:.1f} s "
+        print(f"[{name}] {label}: {task.metric} {metric:.3f}, SQNR {row['sqnr_db']:.2f} dB, "
+              f"cosine {row['cosine']:.4f}, {seconds:.1f} s "
               f"{row['changed']}", flush=True)
         del result
         gc.collect()
@@ -95,27 +107,27 @@ def evaluate(name: str, task, work: Path, configs: list[str]) -> list[dict]:
 
 
 def table(task_by_model: dict, rows: list[dict]) -> list[str]:
-    lines = ["| model | configuration | metric | vs float | output SQNR dB | quantize s | x plain inference |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | configuration | metric | vs float | output SQNR dB | cosine to float | quantize s | "
+             "x plain inference |", "|---|---|---|---|---|---|---|---|"]
     floats = {r["model"]: r for r in rows if r["config"] == "float"}
     for r in rows:
         task = task_by_model[r["model"]]
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['config']} | failed: {r['error'][:80]} | | | | |")
+            lines.append(f"| {r['model']} | {r['config']} | failed: {r['error'][:80]} | | | | | |")
             continue
         if r["config"] == "float":
-            lines.append(f"| {r['model']} | float | {task.metric} {r['metric']:.3f} | | | | |")
+            lines.append(f"| {r['model']} | float | {task.metric} {r['metric']:.3f} | | | | | |")
             continue
         f = floats[r["model"]]
         delta = r["metric"] - f["metric"]
         lines.append(f"| {r['model']} | {r['config']} | {r['metric']:.3f} | {delta:+.3f} | {r['sqnr_db']:.2f} | "
-                     f"{r['seconds']:.1f} | {r['seconds'] / f['infer_seconds']:.1f}x |")
+                     f"{r['cosine']:.4f} | {r['seconds']:.1f} | {r['seconds'] / f['infer_seconds']:.1f}x |")
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="digits,det,rec,vad,encoder")
+    parser.add_argument("--models", default="digits,det,rec,vad,encoder,detector")
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"comma list of: {', '.join(CONFIGS)}")
     parser.add_argument("--work", help="data folder kept between runs (default: a temporary one)")
     parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")

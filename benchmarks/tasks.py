@@ -275,4 +275,65 @@ class Encoder(Task):
         return (lambda s: [s.run(None, feed(ids)) for ids in batch]), "16 sentences, one per run call"
 
 
-TASKS = {task.name: task for task in (Digits(), Det(), Rec(), Vad(), VadSequence(), VadOpenVino(), Encoder())}
+class Detector(Task):
+    """A YOLOv8n-style detector shipped in a PyPI package (nudenet's 320n.onnx: 320x320
+    input, 2100 anchors x (4 box + 18 class scores)) on crops of scikit-image's sample
+    photos.  The metric is the float model's own predictions: the share of confident
+    anchors (float's best class score >= 0.1) whose best class the int8 model keeps."""
+
+    name, metric, target = "detector", "class kept %", "within 1 % relative of float"
+    photos = ("astronaut", "coffee", "chelsea", "camera", "colorwheel", "moon", "clock", "cat", "immunohistochemistry",
+              "rocket", "coins", "brick", "grass", "page", "text")
+    threshold = 0.1
+
+    def model_path(self):
+        try:
+            from importlib.resources import files
+            return Path(str(files("nudenet"))) / "320n.onnx"
+        except ModuleNotFoundError:
+            sys.exit("nudenet is not installed: pip install -e '.[bench]'")
+
+    def _crops(self, count: int, seed: int) -> list[np.ndarray]:
+        import skimage.data
+        from skimage.transform import resize
+        rng = np.random.default_rng(seed)
+        crops = []
+        for i in range(count):
+            image = getattr(skimage.data, self.photos[i % len(self.photos)])()
+            image = np.stack([image] * 3, -1) if image.ndim == 2 else image[..., :3]
+            h, w = image.shape[:2]
+            side = int(min(h, w) * rng.uniform(0.5, 1.0))
+            y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+            crop = resize(image[y:y + side, x:x + side], (320, 320), anti_aliasing=True)
+            if rng.random() < 0.5:
+                crop = crop[:, ::-1]
+            crops.append(np.ascontiguousarray(crop.transpose(2, 0, 1)[None], dtype=np.float32))
+        return crops
+
+    def build(self, work, n_calib, n_eval):
+        import onnxruntime as ort
+        save_arrays(work / "calib", "crop", self._crops(n_calib, 1))
+        evals = self._crops(n_eval, 2)
+        np.save(work / "eval_x.npy", np.concatenate(evals))
+        session = ort.InferenceSession(str(self.model_path()), providers=["CPUExecutionProvider"])
+        scores = np.concatenate([session.run(None, {"images": x})[0][:, 4:] for x in evals])  # [N, 18, anchors]
+        np.save(work / "eval_best.npy", scores.argmax(1))
+        np.save(work / "eval_confident.npy", scores.max(1) >= self.threshold)
+        confident = int((scores.max(1) >= self.threshold).sum())
+        return {"calib": f"{n_calib} random crops of scikit-image sample photos at 320x320",
+                "eval": f"{n_eval} other crops; {confident} anchors where float's best class score >= {self.threshold}"}
+
+    def evaluate(self, session, work):
+        x = np.load(work / "eval_x.npy")
+        outputs = np.concatenate([session.run(None, {"images": x[i:i + 1]})[0] for i in range(len(x))])
+        best, confident = np.load(work / "eval_best.npy"), np.load(work / "eval_confident.npy")
+        kept = (outputs[:, 4:].argmax(1) == best)[confident]
+        return float(kept.mean() * 100), [outputs]
+
+    def latency_unit(self, work):
+        x = np.load(work / "eval_x.npy")[:1]
+        return (lambda s: s.run(None, {"images": x})), "one 320x320 image"
+
+
+TASKS = {task.name: task for task in (Digits(), Det(), Rec(), Vad(), VadSequence(), VadOpenVino(), Encoder(),
+                                      Detector())}

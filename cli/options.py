@@ -87,7 +87,7 @@ no_protect_normalization = click.option(
          "[default: kept float on every target].")
 bias_correction = click.option("--bias-correction/--no-bias-correction", default=None,
                                help="Fold the mean output shift that weight rounding causes into each Conv/Gemm "
-                                    "bias [default: off].")
+                                    "bias, kept if the outputs get closer to float [default: on].")
 accuracy_samples = click.option("--accuracy-samples", type=click.IntRange(min=1), default=None, metavar="N",
                                 help="Calibration samples --calib auto and --bias-correction measure on "
                                      "[default: 4].")

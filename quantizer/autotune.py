@@ -168,9 +168,14 @@ def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable
                                      base_ctx.ranges, sensitivity_samples)["tensors"]
             order = fallback_order(ctx.stage1, base_ctx.outcome.plan, entries)
             size = 1
+            tried: list[str] | None = None
             while size <= len(order) and len(trials) < max_trials:
                 units = order[:size]
                 nodes = list(dict.fromkeys(n for unit in units for n in unit))
+                if nodes == tried:  # the new units were inside the earlier ones: nothing to evaluate
+                    size = min(2 * size, len(order)) if size < len(order) else size + 1
+                    continue
+                tried = nodes
                 if attempt(base_ctx.config, nodes).passed:
                     passed = True
                     break

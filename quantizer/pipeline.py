@@ -2,7 +2,7 @@
 
     load -> refuse_quantized -> check_outputs -> check_names -> optimize -> resolve_scope -> keep_normalization_float -> check_stage1
     -> prepare_calibration -> verify_stage1 -> collect -> save_calibration -> correct_bias
-    -> choose_ranges -> compute_ranges -> protect -> insert_qdq
+    -> choose_ranges -> compute_ranges -> check_bias_correction -> protect -> insert_qdq
     -> refuse_float_copy -> tensor_report -> save_ranges -> write_model -> fusion_report -> summarize
     -> write_report -> commit
 
@@ -246,10 +246,12 @@ def _accuracy_samples(ctx: Context) -> list[dict]:
 def _correct_bias(ctx: Context) -> str | None:
     """Bias correction: each Conv/Gemm bias absorbs the mean shift its weight rounding causes."""
     samples = _accuracy_samples(ctx)
-    if not samples:
+    if not samples:  # statistics from saved states or given ranges only
+        ctx.notes.append("bias correction skipped: it measures on calibration samples, and none were given")
         return None
     corrections = bias_correction.correct_biases(ctx.stage1, ctx.plan, ctx.config.resolved_target.weights, samples,
                                                  shapes=_static_shapes(ctx), show_progress=ctx.config.show_progress)
+    corrections.uncorrected = ctx.stage1
     ctx.stage1 = bias_correction.apply(ctx.stage1, corrections)
     ctx.bias_corrections = corrections
     summary = corrections.summary()
@@ -316,6 +318,28 @@ def _choose_ranges(ctx: Context) -> str:
             f"per tensor: {by_tensor}")
 
 
+def _check_bias_correction(ctx: Context) -> str:
+    """Keep the corrected biases only if the quantized model's outputs are closer to
+    float with them, on the accuracy samples (once per run; autotune's trials follow)."""
+    corrections = ctx.bias_corrections
+    if corrections.kept is None:
+        samples = _accuracy_samples(ctx)
+        float_session = runtime.session(corrections.uncorrected)
+        references = [float_session.run(None, dict(sample)) for sample in samples]
+        keep = ctx.excluded | set(ctx.keep_float)
+        scores = {}
+        for name, model in (("corrected", ctx.stage1), ("uncorrected", corrections.uncorrected)):
+            outcome = insert(ir.from_proto(model), ctx.ranges, exclude=keep, target=ctx.config.resolved_target)
+            scores[name] = loss_aware.output_sqnr_db(runtime.session(outcome.model), samples, references)
+        corrections.kept = scores["corrected"] >= scores["uncorrected"]
+        corrections.output_sqnr_db = scores
+    if not corrections.kept:
+        ctx.stage1 = corrections.uncorrected
+    db = corrections.output_sqnr_db
+    return (f"{'kept' if corrections.kept else 'dropped'}: output SQNR {db['corrected']:.1f} dB corrected, "
+            f"{db['uncorrected']:.1f} dB not")
+
+
 def _compute_ranges(ctx: Context) -> str:
     method = ctx.config.method
     if ctx.inputs.ranges is not None:
@@ -353,6 +377,8 @@ QUANTIZE = (
     Step("choose_ranges", "calibrate", _choose_ranges,
          lambda ctx: ctx.config.method == AUTO and ctx.inputs.ranges is None and AUTO not in ctx.ranges_by_method),
     Step("compute_ranges", "quantize", _compute_ranges),
+    Step("check_bias_correction", "quantize", _check_bias_correction,
+         lambda ctx: ctx.bias_corrections is not None and bool(ctx.bias_corrections.biases)),
     Step("protect", "quantize", _protect, lambda ctx: ctx.config.protect),
     Step("insert_qdq", "quantize", _insert_qdq),
 )
@@ -505,8 +531,7 @@ PREPARE = (
     Step("collect", "calibrate", _collect, lambda ctx: _calibrates(ctx) and ctx.data.source is not None),
     Step("save_calibration", "calibrate", _save_calibration,
          lambda ctx: _calibrates(ctx) and ctx.outputs.save_calibration is not None),
-    Step("correct_bias", "calibrate", _correct_bias,
-         lambda ctx: ctx.config.bias_correction and ctx.data.source is not None),
+    Step("correct_bias", "calibrate", _correct_bias, lambda ctx: ctx.config.bias_correction),
 )
 FINISH = (
     Step("refuse_float_copy", "quantize", _refuse_float_copy),
@@ -577,7 +602,7 @@ def quantize_model(
     """optimize -> calibrate -> quantize, as the pipeline's steps.
 
     ``config`` is the typed configuration; the keyword arguments build one (or change the
-    given one; None leaves a field as it is, so ``method`` defaults to min_max_asym).  ``dataset`` is a folder or an iterable of samples (or None when the
+    given one; None leaves a field as it is, so ``method`` defaults to auto).  ``dataset`` is a folder or an iterable of samples (or None when the
     statistics come from ``load_calibration`` states, or the ranges are given directly).
     ``save_calibration`` writes the state so other methods can reuse it without a model run.
     ``range_overrides`` replaces the ranges of the named tensors after calibration, e.g.

@@ -53,12 +53,15 @@ class CalibrationSummary:
     nonfinite_samples: tuple[str, ...] = ()
     overridden: dict[str, list[float]] = field(default_factory=dict)
     selection: dict | None = None  # the auto method: which candidates won, by how much
+    bias_correction: dict | None = None  # how many biases were corrected, and whether the check kept them
 
     def as_dict(self) -> dict:
         out = {"method": self.method, "samples": self.samples, "tensors": self.tensors,
                "nonfinite_values": dict(self.nonfinite_values), "nonfinite_samples": list(self.nonfinite_samples)}
         if self.selection is not None:
             out["auto"] = dict(self.selection)
+        if self.bias_correction is not None:
+            out["bias_correction"] = dict(self.bias_correction)
         if self.overridden:
             out["overridden"] = dict(self.overridden)
         return out
@@ -149,6 +152,7 @@ def build_summary(ctx) -> Summary:
             nonfinite_samples=tuple(calibrator.nonfinite_samples),
             overridden={n: list(map(float, r)) for n, r in ctx.config.range_overrides.items()},
             selection=ctx.range_selection.summary() if ctx.range_selection is not None else None,
+            bias_correction=ctx.bias_corrections.summary() if ctx.bias_corrections is not None else None,
         )
     else:
         calibration = CalibrationSummary(

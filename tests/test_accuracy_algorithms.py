@@ -137,7 +137,7 @@ def test_bias_shift_matches_a_numpy_reference():
 def test_bias_correction_removes_the_mean_output_error():
     model = _depthwise(1)
     calib, held_out = _positive_samples(8, 1), _positive_samples(8, 2)
-    plain = quantize_model(model, calib, config=QuantizationConfig(method="min_max_asym"))
+    plain = quantize_model(model, calib, config=QuantizationConfig(method="min_max_asym", bias_correction=False))
     corrected = quantize_model(model, calib, config=QuantizationConfig(method="min_max_asym", bias_correction=True))
     assert any(s["step"] == "correct_bias" and s["changed"] for s in corrected.summary["steps"])
 
@@ -146,3 +146,42 @@ def test_bias_correction_removes_the_mean_output_error():
         return float(np.abs(np.mean(errors, axis=0)).max())
 
     assert mean_error(corrected) < 0.5 * mean_error(plain)
+
+
+def test_cli_auto_with_bias_correction_reports_both_steps(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from conftest import SAMPLE_CALIB, SAMPLE_MODEL
+    from quantizer.cli.main import cli
+
+    out, report = tmp_path / "m.onnx", tmp_path / "r.json"
+    result = CliRunner().invoke(cli, [str(SAMPLE_MODEL), "--data", str(SAMPLE_CALIB), "--calib", "auto",
+                                      "--bias-correction", "--accuracy-samples", "3", "-o", str(out),
+                                      "--report", str(report), "-q"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(report.read_text())
+    assert summary["calibration"]["method"] == "auto"
+    assert summary["calibration"]["auto"]["picked"] in summary["calibration"]["auto"]["output_sqnr_db"]
+    changed = {s["step"]: s["changed"] for s in summary["steps"]}
+    assert "on 3 samples" in changed["choose_ranges"] and "biases corrected" in changed["correct_bias"]
+
+
+def test_unknown_method_names_auto_among_the_choices():
+    from quantizer.errors import UsageError
+
+    with pytest.raises(UsageError, match="choose auto or one of: min_max_asym"):
+        QuantizationConfig(method="autto")
+
+
+def test_large_feature_maps_are_measured_on_a_centre_window():
+    big = np.arange(1 * 4 * 600 * 500, dtype=np.float32).reshape(1, 4, 600, 500)
+    feed = {"t": big, "other": big + 1, "scalar": np.float32(2.0) * np.ones(3, np.float32)}
+    cropped = loss_aware._cropped(feed, "t", 1 << 16)
+    h, w = cropped["t"].shape[2:]
+    assert cropped["t"].size <= 1 << 16 and cropped["other"].shape == cropped["t"].shape
+    assert cropped["t"][0, 0, 0, 0] == big[0, 0, (600 - h) // 2, (500 - w) // 2]  # the centre window
+    assert cropped["scalar"] is feed["scalar"]
+    assert loss_aware._cropped({"t": big, "half": big[:, :, :300]}, "t", 1 << 16) is None  # sizes differ
+    assert loss_aware._cropped({"t": big[:, :, :10, :10]}, "t", 1 << 16) is None  # small: measured whole

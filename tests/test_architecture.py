@@ -97,7 +97,7 @@ def test_quantize_and_autotune_run_the_same_steps():
     result = autotune(SAMPLE_MODEL, SAMPLE_CALIB, lambda model: seen.append(model) or 1.0, max_trials=1,
                       methods=("min_max_asym",))
     ran = [s["step"] for s in result.summary["steps"]]
-    plain = [s["step"] for s in quantize_model(SAMPLE_MODEL, SAMPLE_CALIB, show_progress=False,
+    plain = [s["step"] for s in quantize_model(SAMPLE_MODEL, SAMPLE_CALIB, "min_max_asym", show_progress=False,
                                                 report_samples=4).summary["steps"]]
     assert ran == plain  # the same steps ran, in the same order
     assert "verify_stage1" in ran and "refuse_quantized" in ran

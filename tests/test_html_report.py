@@ -63,10 +63,12 @@ class Page(HTMLParser):
 def run_reports(tmp_path_factory):
     """One run writing the HTML report (and its calibration state), one writing JSON."""
     tmp = tmp_path_factory.mktemp("html_report")
-    html_run = invoke(SAMPLE_MODEL, "--data", SAMPLE_CALIB, "-o", tmp / "a.onnx", "--report", tmp / "r.html",
+    html_run = invoke(SAMPLE_MODEL, "--data", SAMPLE_CALIB, "--calib", "min_max_asym", "-o", tmp / "a.onnx",
+                      "--report", tmp / "r.html",
                       "--save-calibration", tmp / "state.npz", "-q")
     assert html_run.exit_code == 0, html_run.output
-    json_run = invoke(SAMPLE_MODEL, "--data", SAMPLE_CALIB, "-o", tmp / "b.onnx", "--report", tmp / "r.json", "-q")
+    json_run = invoke(SAMPLE_MODEL, "--data", SAMPLE_CALIB, "--calib", "min_max_asym", "-o", tmp / "b.onnx",
+                      "--report", tmp / "r.json", "-q")
     assert json_run.exit_code == 0, json_run.output
     return tmp
 

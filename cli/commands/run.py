@@ -17,7 +17,7 @@ from ..text import format_summary, warnings
 
 @cli.command("run", hidden=True)
 @click.argument("model", type=click.Path(dir_okay=True))
-@click.option("--calib", "method", default="min_max_asym", show_default=True, shell_complete=options.complete_method,
+@click.option("--calib", "method", default="auto", show_default=True, shell_complete=options.complete_method,
               help="Calibration method: " + options.METHODS)
 @options.QUANTIZATION
 @click.option("--save-calibration", type=click.Path(), help="Save the calibration state (.npz) for reuse.")

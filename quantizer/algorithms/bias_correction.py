@@ -16,6 +16,9 @@ Each layer is corrected on its float input; the corrections of earlier layers ma
 those inputs' means the float ones, so the corrections compound as they would layer by
 layer.  The function computed in float changes by the correction (that is the point); a
 layer whose shift is below ``MIN_RELATIVE_SHIFT`` of its output's scale is left alone.
+The pipeline then keeps the corrected biases only if the quantized model's outputs are
+closer to float with them (``check_bias_correction``): a mean measured on a few samples
+can also move a layer away from what the rest of the data needs.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -41,10 +45,14 @@ MIN_RELATIVE_SHIFT = 1e-4  # of the layer output's RMS
 class Corrections:
     biases: dict[str, np.ndarray] = field(default_factory=dict)  # bias initializer -> corrected values
     relative_shift: dict[str, float] = field(default_factory=dict)  # node -> max |shift| / output RMS
+    uncorrected: Any = None  # the model before the correction (the pipeline's check may return to it)
+    kept: bool | None = None  # whether the check kept the correction (None: not checked yet)
+    output_sqnr_db: dict = field(default_factory=dict)  # the check's output SQNR with and without
 
     def summary(self) -> dict:
         shifts = sorted(self.relative_shift.values())
-        return {"corrected": len(self.biases),
+        return {"corrected": len(self.biases), "kept": self.kept,
+                "output_sqnr_db": {k: round(v, 2) for k, v in self.output_sqnr_db.items()},
                 "median_relative_shift": round(float(np.median(shifts)), 5) if shifts else 0.0,
                 "max_relative_shift": round(float(shifts[-1]), 5) if shifts else 0.0}
 

@@ -16,7 +16,8 @@ to model and from tensor to tensor.  So for each calibrated tensor this step
 3. runs that block in onnxruntime on recorded float inputs of ``BLOCK_SAMPLES`` samples,
    once with the float tensor and once per candidate with the tensor quantized and
    dequantized on the target's exact grid (every candidate on the first sample, the
-   ``FINALISTS`` best and min-max on all of them);
+   ``FINALISTS`` best and min-max on all of them; an NCHW feature map over
+   ``CROP_ELEMENTS`` values is measured on a centre window of itself);
 4. keeps the candidate with the smallest relative squared error of the block's outputs
    (summed over outputs and samples); a candidate must beat the widest one by
    ``MIN_GAIN`` to replace it, so a block that does not care keeps min-max;
@@ -54,6 +55,7 @@ SHRINK = (0.75, 0.5, 0.3)  # the min-max range scaled toward zero: the grid of c
 FOLLOW = frozenset({"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity"})
 ACTIVATIONS = frozenset({"Relu", "Clip", "LeakyRelu", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "PRelu"})
 MAX_BLOCK_NODES = 8
+CROP_ELEMENTS = 1 << 18  # feature maps larger than this are measured on a centre window
 FINALISTS = 3  # candidates measured on every sample (the others on the first only)
 MIN_GAIN = 0.02
 GUARD = 4.0  # a candidate's full-data tensor error may be at most this many times the best one's  # relative loss improvement a narrower candidate needs over min-max
@@ -310,6 +312,21 @@ def choose_ranges(model: onnx.ModelProto, per_method: Mapping[str, Mapping[str, 
     return selection
 
 
+def _cropped(feed: Mapping[str, np.ndarray], tensor: str, limit: int) -> dict[str, np.ndarray] | None:
+    """The centre window of every NCHW input of ``feed`` (all of one spatial size) such
+    that ``tensor`` has at most ``limit`` elements; None when there is nothing to crop."""
+    x = feed[tensor]
+    if x.ndim != 4 or x.size <= limit:
+        return None
+    h, w = x.shape[2:]
+    if any(v.ndim == 4 and v.shape[2:] != (h, w) for v in feed.values()):
+        return None
+    factor = float(np.sqrt(limit / x.size))
+    ch, cw = max(8, int(h * factor)), max(8, int(w * factor))
+    y0, x0 = (h - ch) // 2, (w - cw) // 2
+    return {k: np.ascontiguousarray(v[:, :, y0:y0 + ch, x0:x0 + cw]) if v.ndim == 4 else v for k, v in feed.items()}
+
+
 def _nearest(options, wanted: tuple[float, float], width: float) -> int | None:
     """The option holding (or within 0.5 % of the min-max width of) the range ``wanted``."""
     distances = [abs(lo - wanted[0]) + abs(hi - wanted[1]) for _, (lo, hi) in options]
@@ -330,7 +347,15 @@ def _measure(graph: _Graph, tensor: str, block: list[int] | None, options, recor
         else:  # a graph output nothing reads: its own error
             feeds = [{tensor: values[tensor]} for values in recorded]
             run = lambda feed: [feed[tensor]]  # noqa: E731
-        references = [run(feed) for feed in feeds]
+        crops = [_cropped(feed, tensor, CROP_ELEMENTS) for feed in feeds]
+        if all(c is not None for c in crops):
+            try:  # a large feature map: its centre window tells the candidates apart as well
+                references = [run(c) for c in crops]
+                feeds = crops
+            except Exception:  # the block depends on the full size (a fixed Reshape): measure it whole
+                references = [run(feed) for feed in feeds]
+        else:
+            references = [run(feed) for feed in feeds]
         energies = [_energy(reference) for reference in references]
 
         def loss(option: int, sample: int) -> float:
