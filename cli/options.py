@@ -24,7 +24,7 @@ FLAGS = {
     "save_calibration": "--save-calibration", "max_trials": "--max-trials", "tolerable_loss": "--tolerable-loss",
     "ranges": "--ranges", "load_calibration": "--load-calibration",
     "input_types": "--input-type", "output_types": "--output-type",
-    "max_samples": "--max-samples", "shuffle_seed": "--shuffle-seed", "preprocess": "--preprocess",
+    "max_samples": "--max-samples", "shard": "--shard", "shuffle_seed": "--shuffle-seed", "preprocess": "--preprocess",
     "images": "--preprocess/--image-*", "images.size": "--image-size", "images.layout": "--image-layout",
     "images.channel_order": "--channel-order", "images.scale": "--image-scale", "images.mean": "--mean",
     "images.std": "--std",
@@ -200,7 +200,7 @@ def parse_input_ranges(values: tuple[str, ...]) -> dict[str, tuple[float, float]
 
 
 def data_options(max_samples=None, shuffle_seed=None, preprocess=None, image_size=None, image_layout=None,
-                 channel_order=None, image_scale=None, mean=None, std=None) -> DataOptions:
+                 channel_order=None, image_scale=None, mean=None, std=None, shard=None) -> DataOptions:
     """The DataOptions of the flags above: --preprocess first, then each image flag given
     changes its field (the library checks the values; its messages name the flags)."""
     images = None
@@ -208,7 +208,7 @@ def data_options(max_samples=None, shuffle_seed=None, preprocess=None, image_siz
         images = ImagePreprocessing.from_file(preprocess) if preprocess else ImagePreprocessing()
         images = images.updated(size=image_size, layout=image_layout, channel_order=channel_order,
                                 scale=image_scale, mean=mean, std=std)
-    return DataOptions(max_samples=max_samples, shuffle_seed=shuffle_seed, images=images)
+    return DataOptions(max_samples=max_samples, shuffle_seed=shuffle_seed, images=images, shard=shard)
 
 
 def data_argument(data, forms: dict):

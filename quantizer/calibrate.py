@@ -4,7 +4,6 @@ activation that the QDQ plan quantizes to streaming statistics."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -22,17 +21,10 @@ from .calibration_state import (
     save_state,
 )
 from .checks import ort_message
-from .dataset import calibration_files, count_samples, input_specs, iter_samples
+from .dataset import count_samples, input_specs, iter_named_samples
 from .errors import CalibrationDataError, ModelError, calibrator_errors
 from .model_io import load_model
 from .qdq.plan import build_plan
-
-
-def _sample_name(dataset, index: int) -> str:
-    """The file name for folder datasets, else the 0-based index (as the dataset checks say)."""
-    if isinstance(dataset, (str, Path)):
-        return calibration_files(Path(dataset))[index].name
-    return str(index)
 
 
 class Calibrator:
@@ -101,23 +93,23 @@ class Calibrator:
         session = self.session()
         input_names = {s.name for s in self.specs}
         progress = self.show_progress if self.show_progress is not None else sys.stderr.isatty()
-        samples = iter_samples(dataset, self.specs)
+        samples = iter_named_samples(dataset, self.specs)
         bar = tqdm(samples, total=count_samples(dataset), desc="calibrating", unit="sample",
                    disable=not progress, leave=False)
-        for index, sample in enumerate(bar):
+        for name, sample in bar:
             if not all(np.isfinite(a).all() for a in sample.values() if a.dtype.kind == "f"):
-                self.nonfinite_samples.append(_sample_name(dataset, index))
+                self.nonfinite_samples.append(name)
             try:
                 outputs = session.run(self._outputs, sample)
             except Exception as exc:
                 raise CalibrationDataError(
-                    f"onnxruntime failed on calibration sample {_sample_name(dataset, index)}: "
+                    f"onnxruntime failed on calibration sample {name}: "
                     f"{ort_message(exc)}; check that sample's shapes and values against the model"
                 ) from exc
-            for name, array in zip(self._outputs, outputs):
-                self.statistics[name].update(array)
-            for name in input_names.intersection(self.statistics):
-                self.statistics[name].update(sample[name])
+            for tensor, array in zip(self._outputs, outputs):
+                self.statistics[tensor].update(array)
+            for tensor in input_names.intersection(self.statistics):
+                self.statistics[tensor].update(sample[tensor])
             del outputs, sample
             self.samples_seen += 1
         bar.close()

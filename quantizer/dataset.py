@@ -300,6 +300,26 @@ def _whole(value, name: str, low: int) -> int | None:
     return int(value)
 
 
+def _shard(value) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        index, count = value
+    except (TypeError, ValueError):
+        raise UsageError(f"`shard` must be (index, count), got {value!r}") from None
+    count = _whole(count, "shard count", 1)
+    index = _whole(index, "shard index", 0)
+    if index >= count:
+        raise UsageError(f"`shard` index must be in 0..{count - 1} for {count} shards, got {index}")
+    return index, count
+
+
+def shard_positions(total: int, index: int, count: int) -> range:
+    """The positions of shard ``index`` of ``count`` among ``total`` samples: the contiguous
+    block [index * total // count, (index + 1) * total // count)."""
+    return range(index * total // count, (index + 1) * total // count)
+
+
 @dataclass(frozen=True)
 class DataOptions:
     """How much of the data, in what order, and how images become arrays.
@@ -309,15 +329,20 @@ class DataOptions:
     this seed before taking ``max_samples`` (None: sorted file order, row order).  Only
     names and indices are shuffled: no sample is read to shuffle.  ``images``: the
     preprocessing of a folder of images (an ImagePreprocessing, a mapping of its fields, or
-    the path of a .toml/.json preprocessing file; None: the defaults)."""
+    the path of a .toml/.json preprocessing file; None: the defaults).  ``shard``:
+    ``(index, count)``, 0 <= index < count: only the index-th of ``count`` contiguous,
+    equal (within one) blocks of those samples, so that shards run anywhere and their
+    merged states are one run over all (see ``shard_positions``)."""
 
     max_samples: int | None = None
     shuffle_seed: int | None = None
     images: ImagePreprocessing | None = None
+    shard: tuple[int, int] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "max_samples", _whole(self.max_samples, "max_samples", 1))
         object.__setattr__(self, "shuffle_seed", _whole(self.shuffle_seed, "shuffle_seed", 0))
+        object.__setattr__(self, "shard", _shard(self.shard))
         images = self.images
         if isinstance(images, (str, os.PathLike)):
             images = ImagePreprocessing.from_file(images)
@@ -335,7 +360,7 @@ class DataOptions:
     @property
     def reorders(self) -> bool:
         """Whether these options change which samples are read, or in what order."""
-        return self.max_samples is not None or self.shuffle_seed is not None
+        return self.max_samples is not None or self.shuffle_seed is not None or self.shard is not None
 
     @property
     def is_default(self) -> bool:
@@ -367,21 +392,24 @@ def iter_samples(dataset: Iterable, specs: list[InputSpec]) -> Iterator[Sample]:
     """Yield checked samples from a path (a folder of .npy/.npz files or images, a stacked
     .npy/.npz file), a DataSpec, a DataSource stream, or an iterable of
     dicts/sequences/arrays."""
+    for _, sample in iter_named_samples(dataset, specs):
+        yield sample
+
+
+def iter_named_samples(dataset: Iterable, specs: list[InputSpec]) -> Iterator[tuple[str, Sample]]:
+    """(name, checked sample) of what ``iter_samples`` takes: the file name (``stack.npy[i]``
+    for a stacked file) for a path, else the item's index."""
     if isinstance(dataset, _Stream):
-        for _, sample in dataset.named(specs):
-            yield sample
+        yield from dataset.named(specs)
         return
-    if isinstance(dataset, DataSpec):
-        yield from iter_samples(DataSource(dataset).stream(), specs)
-        return
-    if isinstance(dataset, (str, Path)):
-        yield from iter_folder(Path(dataset), specs)
+    if isinstance(dataset, (DataSpec, str, Path)):
+        yield from DataSource(dataset).stream_named(specs)
         return
     if not isinstance(dataset, Iterable):
         raise UsageError(f"calibration data must be a folder path or an iterable of samples, got {type(dataset).__name__}")
     for index, item in enumerate(dataset):
         where = f"sample {index}"
-        yield check_sample(_as_mapping(item, specs, where), specs, where)
+        yield str(index), check_sample(_as_mapping(item, specs, where), specs, where)
 
 
 def _is_stacked_file(path: Path) -> bool:
@@ -1084,7 +1112,11 @@ def _order(count: int, options: DataOptions) -> Sequence[int]:
     """The sample indices to read, in order: all or a seeded permutation, then the first
     ``max_samples``.  Indices only (a range when not shuffled)."""
     order = range(count) if options.shuffle_seed is None else np.random.default_rng(options.shuffle_seed).permutation(count)
-    return order if options.max_samples is None else order[:options.max_samples]
+    order = order if options.max_samples is None else order[:options.max_samples]
+    if options.shard is not None:
+        block = shard_positions(len(order), *options.shard)
+        order = order[block.start:block.stop]
+    return order
 
 
 class DataSource:
@@ -1118,6 +1150,9 @@ class DataSource:
             if self.one_shot and self.options.shuffle_seed is not None:
                 raise UsageError("`shuffle_seed` needs data that can be read in any order (a folder, a stacked file "
                                  "or a sequence); a one-shot iterator cannot be shuffled without holding it")
+            if self.one_shot and self.options.shard is not None:
+                raise UsageError("`shard` needs data that can be read in any order (a folder, a stacked file "
+                                 "or a sequence), not a one-shot iterator")
         self._iterator = iter(dataset) if self.one_shot else None
         self._head: list = []  # the first items of a one-shot iterator
         self._streamed = False
@@ -1145,6 +1180,10 @@ class DataSource:
         order = self._orders[plan.count]
         yield from plan.iterate(order if n is None else order[:n], ordered=self.options.shuffle_seed is None)
 
+    def stream_named(self, specs: list[InputSpec]) -> Iterator[tuple[str, Sample]]:
+        """(name, checked sample) of a path, in this source's order (all its options applied)."""
+        return self._named(specs)
+
     def _count(self) -> int | None:
         if self._last_specs is not None:
             count = self._plans[self._last_specs].count
@@ -1152,9 +1191,11 @@ class DataSource:
             if self._collection is None:
                 self._collection = _collection(self._path)
             count = len(self._collection.files) if isinstance(self._collection, _Folder) else None
-        if count is None or self.options.max_samples is None:
+        if count is None:
             return count
-        return min(count, self.options.max_samples)
+        if self.options.max_samples is not None:
+            count = min(count, self.options.max_samples)
+        return count if self.options.shard is None else len(shard_positions(count, *self.options.shard))
 
     def _plain_path(self) -> bool:
         """A path read as the consumers read a path themselves (no option changes it)."""

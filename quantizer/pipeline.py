@@ -24,6 +24,7 @@ import onnx_ir as ir
 
 from . import runtime
 from .calibrate import Calibrator
+from .calibration_state import CalibrationState
 from .calibration_state import save_ranges as write_ranges_file
 from .checks import (
     check_stage1,
@@ -403,6 +404,8 @@ FINISH = (
     Step("commit", "write", _commit),
 )
 PIPELINE = PREPARE + QUANTIZE + FINISH
+# Stage 2 alone (one shard of the data, say): the calibration state, saved and committed.
+CALIBRATE = PREPARE + (Step("commit", "write", _commit),)
 
 
 def with_steps(steps: Sequence[Step], after: str, extra: Sequence[Step]) -> tuple[Step, ...]:
@@ -479,3 +482,17 @@ def quantize_model(
     inputs = CalibrationInputs(dataset, load_calibration, ranges)
     ctx = run(new_context(model, config, inputs, Outputs(save_calibration=save_calibration)))
     return QuantizationResult(ctx.outcome.model, ctx.ranges, ctx.summary)
+
+
+def calibrate_model(model, dataset, *, config: QuantizationConfig | None = None, save_calibration=None,
+                    load_calibration: Sequence = (), **changes) -> CalibrationState:
+    """Stages 1 and 2 only: the calibration state of ``model`` over ``dataset`` (e.g. one
+    shard: ``DataSpec(path, DataOptions(shard=(i, n)))``), written to ``save_calibration``
+    when given.  States of disjoint shards, merged (``load_calibration`` of
+    ``quantize_model``), are exactly the state of one run over all of them.  ``changes``
+    are QuantizationConfig fields (``target``, ``input_shapes``, ``exclude``, ...): the ones
+    that decide the stage-1 model and the calibrated tensors must match the later run."""
+    config = QuantizationConfig.build(config, **changes)
+    ctx = run(new_context(model, config, CalibrationInputs(dataset, load_calibration),
+                          Outputs(save_calibration=save_calibration), keep_histograms=True), CALIBRATE)
+    return ctx.calibrator.state
