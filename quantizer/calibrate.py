@@ -3,6 +3,7 @@ activation that the QDQ plan quantizes to streaming statistics."""
 
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Iterable
 
@@ -37,7 +38,8 @@ class Calibrator:
 
     def __init__(self, model, method="MIN_MAX_ASYM", percentage: float = 99.99,
                  exclude: Iterable[str] = (), show_progress: bool | None = None,
-                 keep_histograms: bool | None = None, tensors: Iterable[str] | None = None):
+                 keep_histograms: bool | None = None, tensors: Iterable[str] | None = None,
+                 threads: int | None = None):
         self.model = load_model(model)
         with calibrator_errors():
             self.method = CalibrationMethod.parse(method)
@@ -51,9 +53,19 @@ class Calibrator:
         histograms = keep_histograms if keep_histograms is not None else self.method.family != "MIN_MAX"
         self.statistics = {name: TensorStatistics(with_histogram=histograms) for name in self.tensors}
         self.fingerprint = model_fingerprint(self.model)
+        self.keep_histograms = histograms
         self.samples_seen = 0
         self.nonfinite_samples: list[str] = []  # samples whose inputs hold NaN/Inf
+        self.threads = threads  # onnxruntime intra-op threads (None: its default)
         self._session = None
+
+    def fresh(self) -> "Calibrator":
+        """A calibrator of the same model and tensors with empty statistics, sharing this
+        one's onnxruntime session (a cluster worker keeps one session per model)."""
+        other = copy.copy(self)
+        other.statistics = {name: TensorStatistics(with_histogram=self.keep_histograms) for name in self.tensors}
+        other.samples_seen, other.nonfinite_samples = 0, []
+        return other
 
     @property
     def state(self) -> CalibrationState:
@@ -80,7 +92,7 @@ class Calibrator:
             inputs = {s.name for s in self.specs}
             self._outputs = [t for t in self.tensors if t not in inputs]
             try:
-                self._session = runtime.session(self.model, extra_outputs=self._outputs)
+                self._session = runtime.session(self.model, extra_outputs=self._outputs, threads=self.threads)
             except Exception as exc:
                 raise ModelError(
                     f"onnxruntime cannot load the model: {ort_message(exc)}; calibration needs a model that "
@@ -88,15 +100,36 @@ class Calibrator:
                 ) from exc
         return self._session
 
-    def collect_data(self, dataset) -> None:
-        """Stream ``dataset`` (a folder, or an iterable of dicts/sequences/arrays)."""
+    def collect_data(self, dataset, client=None) -> None:
+        """Stream ``dataset`` (a folder, or an iterable of dicts/sequences/arrays).
+
+        With ``client`` (a ``dask.distributed.Client``), the samples are calibrated on its
+        cluster's workers and the states merged here: the result is bit for bit that of
+        this process reading them (quantizer.distributed; the data must be a path every
+        worker reads)."""
+        bar = tqdm(total=count_samples(dataset), desc="calibrating", unit="sample",
+                   disable=not self._progress_enabled(), leave=False)
+        try:
+            if client is not None:
+                from .distributed import collect_on_cluster
+
+                state, nonfinite = collect_on_cluster(self, dataset, client, on_sample=lambda: bar.update())
+                self.load_state(state)
+                self.nonfinite_samples.extend(nonfinite)
+            else:
+                self.collect_named(iter_named_samples(dataset, self.specs), on_sample=lambda name: bar.update())
+        finally:
+            bar.close()
+
+    def _progress_enabled(self) -> bool:
+        return self.show_progress if self.show_progress is not None else sys.stderr.isatty()
+
+    def collect_named(self, samples: Iterable, on_sample=None) -> None:
+        """Fold ``(name, checked sample)`` pairs into the statistics; ``on_sample(name)``
+        after each.  A sample onnxruntime fails on raises CalibrationDataError naming it."""
         session = self.session()
         input_names = {s.name for s in self.specs}
-        progress = self.show_progress if self.show_progress is not None else sys.stderr.isatty()
-        samples = iter_named_samples(dataset, self.specs)
-        bar = tqdm(samples, total=count_samples(dataset), desc="calibrating", unit="sample",
-                   disable=not progress, leave=False)
-        for name, sample in bar:
+        for name, sample in samples:
             if not all(np.isfinite(a).all() for a in sample.values() if a.dtype.kind == "f"):
                 self.nonfinite_samples.append(name)
             try:
@@ -112,7 +145,8 @@ class Calibrator:
                 self.statistics[tensor].update(sample[tensor])
             del outputs, sample
             self.samples_seen += 1
-        bar.close()
+            if on_sample is not None:
+                on_sample(name)
 
     def compute_range(self, method=None) -> dict[str, tuple[float, float]]:
         """Ranges by this calibrator's method, or by ``method``: one collected state

@@ -1082,6 +1082,10 @@ class _Stream:
     def named(self, specs: list[InputSpec]) -> Iterator[tuple[str, Sample]]:
         return self._source._named(specs, self._limit)
 
+    def source(self) -> DataSource:
+        """The DataSource streamed (whole: a limited stream is the report's, never calibrated)."""
+        return self._source
+
     def __len__(self) -> int:
         count = self._source._count()
         if count is None:
@@ -1179,6 +1183,26 @@ class DataSource:
             self._orders[plan.count] = _order(plan.count, self.options)
         order = self._orders[plan.count]
         yield from plan.iterate(order if n is None else order[:n], ordered=self.options.shuffle_seed is None)
+
+    def layout(self, specs: list[InputSpec]) -> tuple[DataSpec, int, Sequence[int]]:
+        """How a path's samples are split among workers that each read the same path: the
+        spec they open (the path with its image preprocessing only), the number of samples
+        the path holds, and the positions of this source's samples in it, in order."""
+        if self._path is None:
+            raise UsageError("calibration on a cluster needs the data as a path every worker reads (a folder, a "
+                             "stacked file or images on shared storage), not a Python iterable")
+        plan = self._plan(specs)
+        return DataSpec(self._path, DataOptions(images=self.options.images)), plan.count, _order(plan.count, self.options)
+
+    def read_positions(self, specs: list[InputSpec], positions: Sequence[int], count: int) -> Iterator[tuple[str, Sample]]:
+        """(name, checked sample) at ``positions`` of a path that holds ``count`` samples
+        (as the client's ``layout`` saw it: a worker that lists another count reads other data)."""
+        plan = self._plan(specs)
+        if plan.count != count:
+            raise CalibrationDataError(f"{self._path} holds {plan.count} samples on this worker but {count} where the "
+                                       "run started: every worker must read the same data (shared storage)")
+        ordered = all(a < b for a, b in zip(positions, positions[1:]))
+        return plan.iterate(positions, ordered=ordered)
 
     def stream_named(self, specs: list[InputSpec]) -> Iterator[tuple[str, Sample]]:
         """(name, checked sample) of a path, in this source's order (all its options applied)."""

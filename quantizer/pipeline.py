@@ -214,7 +214,7 @@ def _stage1_difference(ctx: Context, sample) -> str | None:
 
 
 def _collect(ctx: Context) -> str:
-    ctx.calibrator.collect_data(ctx.data.stream())
+    ctx.calibrator.collect_data(ctx.data.stream(), client=ctx.client)
     return f"{ctx.calibrator.samples_seen} samples, {len(ctx.calibrator.tensors)} tensors"
 
 
@@ -459,6 +459,7 @@ def quantize_model(
     protect: bool | None = None,
     report_samples: int | None = None,
     strict: bool | None = None,
+    client=None,
 ) -> QuantizationResult:
     """optimize -> calibrate -> quantize, as the pipeline's steps.
 
@@ -473,6 +474,8 @@ def quantize_model(
     ``report_samples`` > 0 adds ``summary["tensors"]``: per-tensor SQNR on that many samples.
     ``target``: the backend (default "ort-cpu", resolved for this machine; "tensorrt",
     "tflite", or a target file); ``activation_dtype``/``weight_range`` override its choice.
+    ``client``: a ``dask.distributed.Client`` whose workers calibrate (``dataset`` a path
+    they all read); the model is byte-identical to a run without it.
     """
     config = QuantizationConfig.build(
         config, method=method, percentile=percentage, input_shapes=input_shapes, target=target,
@@ -480,19 +483,20 @@ def quantize_model(
         show_progress=show_progress, range_overrides=range_overrides, protect=protect,
         report_samples=report_samples, strict=strict)
     inputs = CalibrationInputs(dataset, load_calibration, ranges)
-    ctx = run(new_context(model, config, inputs, Outputs(save_calibration=save_calibration)))
+    ctx = run(new_context(model, config, inputs, Outputs(save_calibration=save_calibration), client=client))
     return QuantizationResult(ctx.outcome.model, ctx.ranges, ctx.summary)
 
 
 def calibrate_model(model, dataset, *, config: QuantizationConfig | None = None, save_calibration=None,
-                    load_calibration: Sequence = (), **changes) -> CalibrationState:
+                    load_calibration: Sequence = (), client=None, **changes) -> CalibrationState:
     """Stages 1 and 2 only: the calibration state of ``model`` over ``dataset`` (e.g. one
     shard: ``DataSpec(path, DataOptions(shard=(i, n)))``), written to ``save_calibration``
     when given.  States of disjoint shards, merged (``load_calibration`` of
     ``quantize_model``), are exactly the state of one run over all of them.  ``changes``
     are QuantizationConfig fields (``target``, ``input_shapes``, ``exclude``, ...): the ones
-    that decide the stage-1 model and the calibrated tensors must match the later run."""
+    that decide the stage-1 model and the calibrated tensors must match the later run.
+    ``client``: a ``dask.distributed.Client`` whose workers calibrate."""
     config = QuantizationConfig.build(config, **changes)
     ctx = run(new_context(model, config, CalibrationInputs(dataset, load_calibration),
-                          Outputs(save_calibration=save_calibration), keep_histograms=True), CALIBRATE)
+                          Outputs(save_calibration=save_calibration), keep_histograms=True, client=client), CALIBRATE)
     return ctx.calibrator.state

@@ -43,8 +43,10 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 @options.exclude
 @options.input_shape
 @options.quiet
+@options.CLUSTER
 @options.debug
-def calibrate(model, data, save_calibration, shard, target, exclude, input_shapes, quiet, debug, **data_forms):
+def calibrate(model, data, save_calibration, shard, target, exclude, input_shapes, quiet, workers, scheduler, debug,
+              **data_forms):
     """Run stage 2 only (one shard of the data) and save the calibration state; merge the
     shards' states with `quantize MODEL --load-calibration S0 --load-calibration S1 ...`.
     --target, --exclude and --input-shape must be those of the later run."""
@@ -57,9 +59,10 @@ def calibrate(model, data, save_calibration, shard, target, exclude, input_shape
         config = QuantizationConfig(input_shapes=options.parse_shapes(input_shapes), target=target, exclude=exclude,
                                     show_progress=False if quiet else None)
         data_arg = options.data_argument(data, {**data_forms, "shard": parse_shard(shard)})
-        ctx = pipeline.new_context(model, config, CalibrationInputs(data_arg),
-                                   Outputs(save_calibration=save_calibration), keep_histograms=True)
-        pipeline.run(ctx, pipeline.CALIBRATE)
+        with options.cluster(workers, scheduler) as client:
+            ctx = pipeline.run(pipeline.new_context(model, config, CalibrationInputs(data_arg),
+                                                    Outputs(save_calibration=save_calibration), keep_histograms=True,
+                                                    client=client), pipeline.CALIBRATE)
         if not quiet:
             click.echo(format_calibration(ctx, save_calibration, shard))
 
