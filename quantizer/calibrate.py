@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 
 import numpy as np
@@ -13,6 +14,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from quantizer.calibrators import CalibrationMethod, TensorStatistics, range_function
+from quantizer.calibrators.statistics import BatchedUpdates
 
 from . import runtime
 from .calibration_state import (
@@ -126,27 +128,51 @@ class Calibrator:
 
     def collect_named(self, samples: Iterable, on_sample=None) -> None:
         """Fold ``(name, checked sample)`` pairs into the statistics; ``on_sample(name)``
-        after each.  A sample onnxruntime fails on raises CalibrationDataError naming it."""
+        after each.  A sample onnxruntime fails on raises CalibrationDataError naming it.
+
+        The statistics of sample i are computed on a second thread while onnxruntime runs
+        sample i + 1 (both release the GIL for their heavy loops), so at most two samples'
+        activations are alive at once; small tensors are added in batches (BatchedUpdates).
+        The statistics are exactly those of one sample at a time, in order."""
         session = self.session()
-        input_names = {s.name for s in self.specs}
-        for name, sample in samples:
+        inputs = [s.name for s in self.specs if s.name in self.statistics]
+        batches = {name: BatchedUpdates(stats) for name, stats in self.statistics.items()}
+
+        def fold(name, sample, outputs) -> None:
             if not all(np.isfinite(a).all() for a in sample.values() if a.dtype.kind == "f"):
                 self.nonfinite_samples.append(name)
-            try:
-                outputs = session.run(self._outputs, sample)
-            except Exception as exc:
-                raise CalibrationDataError(
-                    f"onnxruntime failed on calibration sample {name}: "
-                    f"{ort_message(exc)}; check that sample's shapes and values against the model"
-                ) from exc
             for tensor, array in zip(self._outputs, outputs):
-                self.statistics[tensor].update(array)
-            for tensor in input_names.intersection(self.statistics):
-                self.statistics[tensor].update(sample[tensor])
-            del outputs, sample
+                batches[tensor].add(array)
+            for tensor in inputs:
+                batches[tensor].add(sample[tensor])
             self.samples_seen += 1
-            if on_sample is not None:
-                on_sample(name)
+
+        folding = None  # the previous sample's statistics, being computed
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibration-statistics") as statistics:
+            try:
+                for name, sample in samples:
+                    try:
+                        outputs = session.run(self._outputs, sample)
+                    except Exception as exc:
+                        raise CalibrationDataError(
+                            f"onnxruntime failed on calibration sample {name}: "
+                            f"{ort_message(exc)}; check that sample's shapes and values against the model"
+                        ) from exc
+                    if folding is not None:
+                        folding[0].result()
+                        if on_sample is not None:
+                            on_sample(folding[1])
+                    folding = (statistics.submit(fold, name, sample, outputs), name)
+                    del outputs, sample
+                if folding is not None:
+                    folding[0].result()
+                    if on_sample is not None:
+                        on_sample(folding[1])
+            finally:
+                if folding is not None:
+                    folding[0].cancel()
+        for batch in batches.values():
+            batch.flush()
 
     def compute_range(self, method=None) -> dict[str, tuple[float, float]]:
         """Ranges by this calibrator's method, or by ``method``: one collected state

@@ -21,6 +21,8 @@ one value is expected (the pipeline's ``data``).
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import itertools
 import json
 import math
@@ -518,6 +520,22 @@ class ArrayHeader:
         return self.size * self.dtype.itemsize
 
 
+_HEADER_LENGTH = {(1, 0): struct.Struct("<H"), (2, 0): struct.Struct("<I"), (3, 0): struct.Struct("<I")}
+_MAX_HEADER = 1 << 16  # numpy refuses headers over 10000 bytes anyway
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_header(version: tuple, raw: bytes) -> tuple:
+    """numpy's parse of a header (its length field and text): the same few headers repeat
+    across a folder of samples, and numpy parses each with ast.literal_eval."""
+    handle = io.BytesIO(raw)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(handle)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(handle)
+    return _read_header_any_version(handle, version)
+
+
 def read_npy_header(handle) -> ArrayHeader:
     """Read a .npy header from ``handle`` (at its start) and nothing more.
 
@@ -526,14 +544,13 @@ def read_npy_header(handle) -> ArrayHeader:
     start = handle.tell()
     try:
         version = np.lib.format.read_magic(handle)
-        if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
-        elif version == (2, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
-        elif version == (3, 0) and _read_header_any_version is not None:
-            shape, fortran_order, dtype = _read_header_any_version(handle, version)
-        else:
+        if version not in _HEADER_LENGTH or (version == (3, 0) and _read_header_any_version is None):
             raise ValueError(f"unsupported .npy version {version}")
+        length_field = handle.read(_HEADER_LENGTH[version].size)
+        (length,) = _HEADER_LENGTH[version].unpack(length_field)
+        if length > _MAX_HEADER:
+            raise ValueError("header too long")
+        shape, fortran_order, dtype = _parse_header(version, length_field + handle.read(length))
     except (OSError, zipfile.BadZipFile, zlib.error):  # the file or archive, not the header: said as such
         raise
     except Exception as exc:
