@@ -101,15 +101,16 @@ def check_versions(client) -> None:
 _CALIBRATORS: dict = {}  # per worker process: the calibrator (and session) of the last model
 
 
-def _worker_calibrator(model: bytes, fingerprint: str, tensors: tuple, histograms: bool):
+def _worker_calibrator(model: bytes, fingerprint: str, tensors: tuple, histograms: bool, host_threads: dict):
     from .calibrate import Calibrator
 
     key = (fingerprint, tensors, histograms)
     if key not in _CALIBRATORS:
         _CALIBRATORS.clear()
-        try:
+        try:  # the host's cores shared among the Dask threads of every worker on it
             worker = _dask().get_worker()
-            threads = max(1, len(os.sched_getaffinity(0)) // worker.state.nthreads)
+            sharing = host_threads.get(worker.ip, worker.state.nthreads)
+            threads = max(1, len(os.sched_getaffinity(0)) // max(1, sharing))
         except (ValueError, AttributeError):
             threads = None
         calibrator = Calibrator(model, tensors=tensors, keep_histograms=histograms, show_progress=False,
@@ -122,11 +123,12 @@ def _worker_calibrator(model: bytes, fingerprint: str, tensors: tuple, histogram
     return _CALIBRATORS[key].fresh()
 
 
-def calibrate_task(model: bytes, fingerprint: str, tensors: tuple, histograms: bool, spec: DataSpec,
-                   count: int, positions: tuple, topic: str, task: int):
+def calibrate_task(model: bytes, fingerprint: str, tensors: tuple, histograms: bool, host_threads: dict,
+                   spec: DataSpec, count: int, positions: tuple, topic: str, task: int):
     """One task: the state of the samples at ``positions`` of ``spec``, and the names of
-    those with NaN/Inf inputs.  Reports each finished sample on ``topic``."""
-    calibrator = _worker_calibrator(model, fingerprint, tensors, histograms)
+    those with NaN/Inf inputs.  Reports each finished sample on ``topic``.  onnxruntime
+    gets the host's cores divided by ``host_threads[host]``, the Dask threads there."""
+    calibrator = _worker_calibrator(model, fingerprint, tensors, histograms, host_threads)
     worker = _dask().get_worker()
     source = DataSource(spec)
     done = iter(positions)
@@ -167,9 +169,14 @@ def collect_on_cluster(calibrator, dataset, client, on_sample=None) -> tuple[Cal
     if not calibrator.model.ByteSize() < 2**31 - 1:
         raise UsageError("calibration on a cluster sends the stage-1 model as bytes, at most 2 GiB; this model is "
                          "larger: calibrate shards with `shard` on each machine and merge the states instead")
-    threads = sum(client.nthreads().values())
+    nthreads = client.nthreads()
+    threads = sum(nthreads.values())
     if threads == 0:
         raise UsageError("the Dask cluster has no workers")
+    host_threads: dict[str, int] = {}
+    for address, worker_threads in nthreads.items():
+        host = distributed.comm.get_address_host(address)
+        host_threads[host] = host_threads.get(host, 0) + worker_threads
     tasks = _tasks(order, threads)
     topic = _TOPIC + uuid.uuid4().hex
     seen: set = set()
@@ -188,7 +195,7 @@ def collect_on_cluster(calibrator, dataset, client, on_sample=None) -> tuple[Cal
     # The model as a task of its own, not scattered data: when a worker that holds it dies,
     # the scheduler can make it again from the task (scattered data would be lost for good).
     model = client.submit(_identity, calibrator.model.SerializeToString(), key=f"quantizer-model-{topic}", pure=False)
-    args = (calibrator.fingerprint, tuple(calibrator.tensors), calibrator.keep_histograms, spec, count)
+    args = (calibrator.fingerprint, tuple(calibrator.tensors), calibrator.keep_histograms, host_threads, spec, count)
     futures = [client.submit(calibrate_task, model, *args, positions, topic, i, key=f"quantizer-calibrate-{topic}-{i}")
                for i, positions in enumerate(tasks) if positions]
     index = {future.key: i for i, future in enumerate(futures)}
