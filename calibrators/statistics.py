@@ -22,6 +22,8 @@ BINS = 2048
 # tensor, and the histogram cost stops growing with the activation size.
 HISTOGRAM_SAMPLE_CAP = 1 << 17
 _MANTISSA_GUARD = 50
+# BatchedUpdates holds at most this many values per tensor (16 KiB of float32).
+BATCHED_VALUES = 1 << 12
 
 
 @dataclass(frozen=True)
@@ -210,3 +212,39 @@ def _trimmed(stats: TensorStatistics) -> tuple[int, tuple]:
     if nonzero.size == 0:
         return (0, ())
     return (stats.offset + int(nonzero[0]), tuple(stats.counts[nonzero[0]: nonzero[-1] + 1].tolist()))
+
+
+class BatchedUpdates:
+    """Updates of one TensorStatistics gathered into fewer, larger ones.
+
+    Arrays of at most ``limit`` (<= HISTOGRAM_SAMPLE_CAP) values are held until together
+    they would pass it, then added in one ``update`` of their concatenation (larger arrays
+    go straight through).  No update ever sees more than the cap from small arrays, so none of them is
+    subsampled, and the histogram grid depends only on the data: the statistics are
+    exactly those of one update per array, at a fraction of the per-call cost for the many
+    small tensors of small models (silero-vad: 27 tensors of a few hundred values per
+    sample, thousands of samples).  ``flush()`` before reading the statistics."""
+
+    def __init__(self, stats: TensorStatistics, limit: int = BATCHED_VALUES):
+        if not 0 < limit <= HISTOGRAM_SAMPLE_CAP:
+            raise ValueError(f"a batch of at most HISTOGRAM_SAMPLE_CAP values, got {limit}")
+        self.stats, self.cap = stats, limit
+        self._pending: list[np.ndarray] = []
+        self._size = 0
+
+    def add(self, values: np.ndarray) -> None:
+        values = np.asarray(values)
+        if values.size > self.cap:
+            self.stats.update(values)
+            return
+        if self._size + values.size > self.cap:
+            self.flush()
+        self._pending.append(values.ravel())
+        self._size += values.size
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        pending = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
+        self._pending, self._size = [], 0
+        self.stats.update(pending)

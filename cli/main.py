@@ -10,7 +10,7 @@ module per command (commands/), all terminal text (text.py).
 from __future__ import annotations
 
 from .app import cli, main
-from .commands import compare, edit, inspect, optimize, run, targets, tune  # noqa: F401  (registers the commands)
+from .commands import calibrate, compare, edit, inspect, optimize, run, targets, tune  # noqa: F401  (registers the commands)
 
 __all__ = ["cli", "main"]
 

@@ -25,7 +25,7 @@ FLAGS = {
     "save_calibration": "--save-calibration", "max_trials": "--max-trials", "tolerable_loss": "--tolerable-loss",
     "ranges": "--ranges", "load_calibration": "--load-calibration",
     "input_types": "--input-type", "output_types": "--output-type",
-    "max_samples": "--max-samples", "shuffle_seed": "--shuffle-seed", "preprocess": "--preprocess",
+    "max_samples": "--max-samples", "shard": "--shard", "workers": "--workers", "scheduler": "--scheduler", "shuffle_seed": "--shuffle-seed", "preprocess": "--preprocess",
     "images": "--preprocess/--image-*", "images.size": "--image-size", "images.layout": "--image-layout",
     "images.channel_order": "--channel-order", "images.scale": "--image-scale", "images.mean": "--mean",
     "images.std": "--std",
@@ -140,10 +140,30 @@ std = click.option("--std", metavar="A[,B,C]", help="Then divide per channel [de
 DATA_OPTIONS = option_group(max_samples, shuffle_seed, preprocess, image_size, image_layout, channel_order,
                             image_scale, mean, std)
 
+# Calibration on a Dask cluster (quantizer.distributed; the `distributed` extra).
+workers = click.option("--workers", type=click.IntRange(min=1), default=None, metavar="N",
+                       help="Calibrate on a local Dask cluster of N worker processes (needs the distributed extra).")
+scheduler = click.option("--scheduler", metavar="ADDRESS",
+                         help="Calibrate on the Dask cluster whose scheduler is at ADDRESS (tcp://host:8786); "
+                              "every worker must read --data at the same path.")
+CLUSTER = option_group(workers, scheduler)
+
+
+def cluster(workers: int | None, scheduler: str | None):
+    """The Dask client of --workers/--scheduler (closed on exit), or None without them."""
+    if workers is None and scheduler is None:
+        import contextlib
+
+        return contextlib.nullcontext(None)
+    from quantizer.distributed import cluster_client
+
+    return cluster_client(workers, scheduler)
+
+
 # What `run` and `tune` both take.
 QUANTIZATION = option_group(data, DATA_OPTIONS, output, target, percentile, activation_dtype, weight_range, exclude,
                             no_protect, no_protect_normalization, bias_correction, accuracy_samples, report, quiet,
-                            input_shape, strict, fidelity_samples, debug)
+                            input_shape, strict, fidelity_samples, CLUSTER, debug)
 
 
 def accuracy_steps(no_protect_normalization: bool, bias_correction: bool | None,
@@ -224,7 +244,7 @@ def parse_input_ranges(values: tuple[str, ...]) -> dict[str, tuple[float, float]
 
 
 def data_options(max_samples=None, shuffle_seed=None, preprocess=None, image_size=None, image_layout=None,
-                 channel_order=None, image_scale=None, mean=None, std=None) -> DataOptions:
+                 channel_order=None, image_scale=None, mean=None, std=None, shard=None) -> DataOptions:
     """The DataOptions of the flags above: --preprocess first, then each image flag given
     changes its field (the library checks the values; its messages name the flags)."""
     images = None
@@ -232,7 +252,7 @@ def data_options(max_samples=None, shuffle_seed=None, preprocess=None, image_siz
         images = ImagePreprocessing.from_file(preprocess) if preprocess else ImagePreprocessing()
         images = images.updated(size=image_size, layout=image_layout, channel_order=channel_order,
                                 scale=image_scale, mean=mean, std=std)
-    return DataOptions(max_samples=max_samples, shuffle_seed=shuffle_seed, images=images)
+    return DataOptions(max_samples=max_samples, shuffle_seed=shuffle_seed, images=images, shard=shard)
 
 
 def data_argument(data, forms: dict):

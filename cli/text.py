@@ -160,3 +160,14 @@ def _rule_text(rule) -> str:
         parts.append(f"bias {rule.bias}")
     parts.append(f"output {rule.output}")
     return "; ".join(parts)
+
+
+def format_calibration(ctx, state_path, shard: str | None) -> str:
+    """What `quantize calibrate` did: samples, tensors, the state file, the times."""
+    calibrator = ctx.calibrator
+    which = f" (shard {shard})" if shard else ""
+    lines = [f"wrote {state_path}: {calibrator.samples_seen} samples{which}, {len(calibrator.tensors)} tensors, "
+             f"model fingerprint {calibrator.fingerprint[:12]}"]
+    lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in ctx.timings.items()))
+    lines.extend(f"note: {for_cli(note)}" for note in ctx.notes)
+    return "\n".join(lines)

@@ -1,3 +1,4 @@
 from quantizer.cli.main import main
 
-main()
+if __name__ == "__main__":  # not when a spawned process (a local Dask worker) imports it
+    main()

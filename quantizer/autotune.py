@@ -106,7 +106,7 @@ def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable
              weight_range: str | None = None, exclude: Iterable[str] | None = None, protect: bool | None = None,
              percentage: float | None = None, report_samples: int = DEFAULT_REPORT_SAMPLES,
              show_progress: bool | None = None, outputs: Outputs | None = None, strict: bool | None = None,
-             on_trial: Callable[[Trial], None] | None = None) -> TuneResult:
+             on_trial: Callable[[Trial], None] | None = None, client=None) -> TuneResult:
     """Find the first quantization whose ``eval_fn`` metric (higher is better) is within
     ``tolerable_loss`` (relative) of the float model's.
 
@@ -117,7 +117,8 @@ def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable
     more).  ``on_trial`` is called after each trial (progress output).  The run is the
     pipeline's: the same checks and refusals as ``quantize_model``, the calibration once,
     the quantization steps once per trial, and the result steps (``outputs``: files to
-    write, with the fidelity check) once for the chosen trial.
+    write, with the fidelity check) once for the chosen trial.  ``client``: a
+    ``dask.distributed.Client`` whose workers run the calibration.
     """
     methods = list(methods)
     if not methods:
@@ -133,7 +134,7 @@ def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable
     sensitivity_samples = report_samples if report_samples > 0 else DEFAULT_REPORT_SAMPLES
 
     ctx = pipeline.new_context(model, configs[0].with_(report_samples=sensitivity_samples),
-                               CalibrationInputs(data), outputs, keep_histograms=True)
+                               CalibrationInputs(data), outputs, keep_histograms=True, client=client)
     try:
         pipeline.run_steps(pipeline.PREPARE, ctx)
         start = time.perf_counter()

@@ -3,8 +3,9 @@ activation that the QDQ plan quantizes to streaming statistics."""
 
 from __future__ import annotations
 
+import copy
 import sys
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 
 import numpy as np
@@ -13,6 +14,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from quantizer.calibrators import CalibrationMethod, TensorStatistics, range_function
+from quantizer.calibrators.statistics import BatchedUpdates
 
 from . import runtime
 from .calibration_state import (
@@ -22,17 +24,10 @@ from .calibration_state import (
     save_state,
 )
 from .checks import ort_message
-from .dataset import calibration_files, count_samples, input_specs, iter_samples
+from .dataset import count_samples, input_specs, iter_named_samples
 from .errors import CalibrationDataError, ModelError, calibrator_errors
 from .model_io import load_model
 from .qdq.plan import build_plan
-
-
-def _sample_name(dataset, index: int) -> str:
-    """The file name for folder datasets, else the 0-based index (as the dataset checks say)."""
-    if isinstance(dataset, (str, Path)):
-        return calibration_files(Path(dataset))[index].name
-    return str(index)
 
 
 class Calibrator:
@@ -45,7 +40,8 @@ class Calibrator:
 
     def __init__(self, model, method="MIN_MAX_ASYM", percentage: float = 99.99,
                  exclude: Iterable[str] = (), show_progress: bool | None = None,
-                 keep_histograms: bool | None = None, tensors: Iterable[str] | None = None):
+                 keep_histograms: bool | None = None, tensors: Iterable[str] | None = None,
+                 threads: int | None = None):
         self.model = load_model(model)
         with calibrator_errors():
             self.method = CalibrationMethod.parse(method)
@@ -59,9 +55,19 @@ class Calibrator:
         histograms = keep_histograms if keep_histograms is not None else self.method.family != "MIN_MAX"
         self.statistics = {name: TensorStatistics(with_histogram=histograms) for name in self.tensors}
         self.fingerprint = model_fingerprint(self.model)
+        self.keep_histograms = histograms
         self.samples_seen = 0
         self.nonfinite_samples: list[str] = []  # samples whose inputs hold NaN/Inf
+        self.threads = threads  # onnxruntime intra-op threads (None: its default)
         self._session = None
+
+    def fresh(self) -> "Calibrator":
+        """A calibrator of the same model and tensors with empty statistics, sharing this
+        one's onnxruntime session (a cluster worker keeps one session per model)."""
+        other = copy.copy(self)
+        other.statistics = {name: TensorStatistics(with_histogram=self.keep_histograms) for name in self.tensors}
+        other.samples_seen, other.nonfinite_samples = 0, []
+        return other
 
     @property
     def state(self) -> CalibrationState:
@@ -88,7 +94,7 @@ class Calibrator:
             inputs = {s.name for s in self.specs}
             self._outputs = [t for t in self.tensors if t not in inputs]
             try:
-                self._session = runtime.session(self.model, extra_outputs=self._outputs)
+                self._session = runtime.session(self.model, extra_outputs=self._outputs, threads=self.threads)
             except Exception as exc:
                 raise ModelError(
                     f"onnxruntime cannot load the model: {ort_message(exc)}; calibration needs a model that "
@@ -96,31 +102,77 @@ class Calibrator:
                 ) from exc
         return self._session
 
-    def collect_data(self, dataset) -> None:
-        """Stream ``dataset`` (a folder, or an iterable of dicts/sequences/arrays)."""
+    def collect_data(self, dataset, client=None) -> None:
+        """Stream ``dataset`` (a folder, or an iterable of dicts/sequences/arrays).
+
+        With ``client`` (a ``dask.distributed.Client``), the samples are calibrated on its
+        cluster's workers and the states merged here: the result is bit for bit that of
+        this process reading them (quantizer.distributed; the data must be a path every
+        worker reads)."""
+        bar = tqdm(total=count_samples(dataset), desc="calibrating", unit="sample",
+                   disable=not self._progress_enabled(), leave=False)
+        try:
+            if client is not None:
+                from .distributed import collect_on_cluster
+
+                state, nonfinite = collect_on_cluster(self, dataset, client, on_sample=lambda: bar.update())
+                self.load_state(state)
+                self.nonfinite_samples.extend(nonfinite)
+            else:
+                self.collect_named(iter_named_samples(dataset, self.specs), on_sample=lambda name: bar.update())
+        finally:
+            bar.close()
+
+    def _progress_enabled(self) -> bool:
+        return self.show_progress if self.show_progress is not None else sys.stderr.isatty()
+
+    def collect_named(self, samples: Iterable, on_sample=None) -> None:
+        """Fold ``(name, checked sample)`` pairs into the statistics; ``on_sample(name)``
+        after each.  A sample onnxruntime fails on raises CalibrationDataError naming it.
+
+        The statistics of sample i are computed on a second thread while onnxruntime runs
+        sample i + 1 (both release the GIL for their heavy loops), so at most two samples'
+        activations are alive at once; small tensors are added in batches (BatchedUpdates).
+        The statistics are exactly those of one sample at a time, in order."""
         session = self.session()
-        input_names = {s.name for s in self.specs}
-        progress = self.show_progress if self.show_progress is not None else sys.stderr.isatty()
-        samples = iter_samples(dataset, self.specs)
-        bar = tqdm(samples, total=count_samples(dataset), desc="calibrating", unit="sample",
-                   disable=not progress, leave=False)
-        for index, sample in enumerate(bar):
+        inputs = [s.name for s in self.specs if s.name in self.statistics]
+        batches = {name: BatchedUpdates(stats) for name, stats in self.statistics.items()}
+
+        def fold(name, sample, outputs) -> None:
             if not all(np.isfinite(a).all() for a in sample.values() if a.dtype.kind == "f"):
-                self.nonfinite_samples.append(_sample_name(dataset, index))
-            try:
-                outputs = session.run(self._outputs, sample)
-            except Exception as exc:
-                raise CalibrationDataError(
-                    f"onnxruntime failed on calibration sample {_sample_name(dataset, index)}: "
-                    f"{ort_message(exc)}; check that sample's shapes and values against the model"
-                ) from exc
-            for name, array in zip(self._outputs, outputs):
-                self.statistics[name].update(array)
-            for name in input_names.intersection(self.statistics):
-                self.statistics[name].update(sample[name])
-            del outputs, sample
+                self.nonfinite_samples.append(name)
+            for tensor, array in zip(self._outputs, outputs):
+                batches[tensor].add(array)
+            for tensor in inputs:
+                batches[tensor].add(sample[tensor])
             self.samples_seen += 1
-        bar.close()
+
+        folding = None  # the previous sample's statistics, being computed
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="calibration-statistics") as statistics:
+            try:
+                for name, sample in samples:
+                    try:
+                        outputs = session.run(self._outputs, sample)
+                    except Exception as exc:
+                        raise CalibrationDataError(
+                            f"onnxruntime failed on calibration sample {name}: "
+                            f"{ort_message(exc)}; check that sample's shapes and values against the model"
+                        ) from exc
+                    if folding is not None:
+                        folding[0].result()
+                        if on_sample is not None:
+                            on_sample(folding[1])
+                    folding = (statistics.submit(fold, name, sample, outputs), name)
+                    del outputs, sample
+                if folding is not None:
+                    folding[0].result()
+                    if on_sample is not None:
+                        on_sample(folding[1])
+            finally:
+                if folding is not None:
+                    folding[0].cancel()
+        for batch in batches.values():
+            batch.flush()
 
     def compute_range(self, method=None) -> dict[str, tuple[float, float]]:
         """Ranges by this calibrator's method, or by ``method``: one collected state

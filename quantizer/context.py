@@ -38,6 +38,7 @@ class Context:
     inputs: CalibrationInputs = field(default_factory=CalibrationInputs)
     outputs: Outputs = field(default_factory=Outputs)
     keep_histograms: bool = False  # autotune computes several methods from one state
+    client: Any = None  # a dask.distributed.Client: calibrate on its cluster (quantizer.distributed)
 
     original: onnx.ModelProto | None = None
     input_sha256: str | None = None  # of the input model file

@@ -21,6 +21,8 @@ one value is expected (the pipeline's ``data``).
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import itertools
 import json
 import math
@@ -300,6 +302,26 @@ def _whole(value, name: str, low: int) -> int | None:
     return int(value)
 
 
+def _shard(value) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        index, count = value
+    except (TypeError, ValueError):
+        raise UsageError(f"`shard` must be (index, count), got {value!r}") from None
+    count = _whole(count, "shard count", 1)
+    index = _whole(index, "shard index", 0)
+    if index >= count:
+        raise UsageError(f"`shard` index must be in 0..{count - 1} for {count} shards, got {index}")
+    return index, count
+
+
+def shard_positions(total: int, index: int, count: int) -> range:
+    """The positions of shard ``index`` of ``count`` among ``total`` samples: the contiguous
+    block [index * total // count, (index + 1) * total // count)."""
+    return range(index * total // count, (index + 1) * total // count)
+
+
 @dataclass(frozen=True)
 class DataOptions:
     """How much of the data, in what order, and how images become arrays.
@@ -309,15 +331,20 @@ class DataOptions:
     this seed before taking ``max_samples`` (None: sorted file order, row order).  Only
     names and indices are shuffled: no sample is read to shuffle.  ``images``: the
     preprocessing of a folder of images (an ImagePreprocessing, a mapping of its fields, or
-    the path of a .toml/.json preprocessing file; None: the defaults)."""
+    the path of a .toml/.json preprocessing file; None: the defaults).  ``shard``:
+    ``(index, count)``, 0 <= index < count: only the index-th of ``count`` contiguous,
+    equal (within one) blocks of those samples, so that shards run anywhere and their
+    merged states are one run over all (see ``shard_positions``)."""
 
     max_samples: int | None = None
     shuffle_seed: int | None = None
     images: ImagePreprocessing | None = None
+    shard: tuple[int, int] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "max_samples", _whole(self.max_samples, "max_samples", 1))
         object.__setattr__(self, "shuffle_seed", _whole(self.shuffle_seed, "shuffle_seed", 0))
+        object.__setattr__(self, "shard", _shard(self.shard))
         images = self.images
         if isinstance(images, (str, os.PathLike)):
             images = ImagePreprocessing.from_file(images)
@@ -335,7 +362,7 @@ class DataOptions:
     @property
     def reorders(self) -> bool:
         """Whether these options change which samples are read, or in what order."""
-        return self.max_samples is not None or self.shuffle_seed is not None
+        return self.max_samples is not None or self.shuffle_seed is not None or self.shard is not None
 
     @property
     def is_default(self) -> bool:
@@ -367,21 +394,24 @@ def iter_samples(dataset: Iterable, specs: list[InputSpec]) -> Iterator[Sample]:
     """Yield checked samples from a path (a folder of .npy/.npz files or images, a stacked
     .npy/.npz file), a DataSpec, a DataSource stream, or an iterable of
     dicts/sequences/arrays."""
+    for _, sample in iter_named_samples(dataset, specs):
+        yield sample
+
+
+def iter_named_samples(dataset: Iterable, specs: list[InputSpec]) -> Iterator[tuple[str, Sample]]:
+    """(name, checked sample) of what ``iter_samples`` takes: the file name (``stack.npy[i]``
+    for a stacked file) for a path, else the item's index."""
     if isinstance(dataset, _Stream):
-        for _, sample in dataset.named(specs):
-            yield sample
+        yield from dataset.named(specs)
         return
-    if isinstance(dataset, DataSpec):
-        yield from iter_samples(DataSource(dataset).stream(), specs)
-        return
-    if isinstance(dataset, (str, Path)):
-        yield from iter_folder(Path(dataset), specs)
+    if isinstance(dataset, (DataSpec, str, Path)):
+        yield from DataSource(dataset).stream_named(specs)
         return
     if not isinstance(dataset, Iterable):
         raise UsageError(f"calibration data must be a folder path or an iterable of samples, got {type(dataset).__name__}")
     for index, item in enumerate(dataset):
         where = f"sample {index}"
-        yield check_sample(_as_mapping(item, specs, where), specs, where)
+        yield str(index), check_sample(_as_mapping(item, specs, where), specs, where)
 
 
 def _is_stacked_file(path: Path) -> bool:
@@ -490,6 +520,22 @@ class ArrayHeader:
         return self.size * self.dtype.itemsize
 
 
+_HEADER_LENGTH = {(1, 0): struct.Struct("<H"), (2, 0): struct.Struct("<I"), (3, 0): struct.Struct("<I")}
+_MAX_HEADER = 1 << 16  # numpy refuses headers over 10000 bytes anyway
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_header(version: tuple, raw: bytes) -> tuple:
+    """numpy's parse of a header (its length field and text): the same few headers repeat
+    across a folder of samples, and numpy parses each with ast.literal_eval."""
+    handle = io.BytesIO(raw)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(handle)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(handle)
+    return _read_header_any_version(handle, version)
+
+
 def read_npy_header(handle) -> ArrayHeader:
     """Read a .npy header from ``handle`` (at its start) and nothing more.
 
@@ -498,14 +544,13 @@ def read_npy_header(handle) -> ArrayHeader:
     start = handle.tell()
     try:
         version = np.lib.format.read_magic(handle)
-        if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
-        elif version == (2, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
-        elif version == (3, 0) and _read_header_any_version is not None:
-            shape, fortran_order, dtype = _read_header_any_version(handle, version)
-        else:
+        if version not in _HEADER_LENGTH or (version == (3, 0) and _read_header_any_version is None):
             raise ValueError(f"unsupported .npy version {version}")
+        length_field = handle.read(_HEADER_LENGTH[version].size)
+        (length,) = _HEADER_LENGTH[version].unpack(length_field)
+        if length > _MAX_HEADER:
+            raise ValueError("header too long")
+        shape, fortran_order, dtype = _parse_header(version, length_field + handle.read(length))
     except (OSError, zipfile.BadZipFile, zlib.error):  # the file or archive, not the header: said as such
         raise
     except Exception as exc:
@@ -1054,6 +1099,10 @@ class _Stream:
     def named(self, specs: list[InputSpec]) -> Iterator[tuple[str, Sample]]:
         return self._source._named(specs, self._limit)
 
+    def source(self) -> DataSource:
+        """The DataSource streamed (whole: a limited stream is the report's, never calibrated)."""
+        return self._source
+
     def __len__(self) -> int:
         count = self._source._count()
         if count is None:
@@ -1084,7 +1133,11 @@ def _order(count: int, options: DataOptions) -> Sequence[int]:
     """The sample indices to read, in order: all or a seeded permutation, then the first
     ``max_samples``.  Indices only (a range when not shuffled)."""
     order = range(count) if options.shuffle_seed is None else np.random.default_rng(options.shuffle_seed).permutation(count)
-    return order if options.max_samples is None else order[:options.max_samples]
+    order = order if options.max_samples is None else order[:options.max_samples]
+    if options.shard is not None:
+        block = shard_positions(len(order), *options.shard)
+        order = order[block.start:block.stop]
+    return order
 
 
 class DataSource:
@@ -1118,6 +1171,9 @@ class DataSource:
             if self.one_shot and self.options.shuffle_seed is not None:
                 raise UsageError("`shuffle_seed` needs data that can be read in any order (a folder, a stacked file "
                                  "or a sequence); a one-shot iterator cannot be shuffled without holding it")
+            if self.one_shot and self.options.shard is not None:
+                raise UsageError("`shard` needs data that can be read in any order (a folder, a stacked file "
+                                 "or a sequence), not a one-shot iterator")
         self._iterator = iter(dataset) if self.one_shot else None
         self._head: list = []  # the first items of a one-shot iterator
         self._streamed = False
@@ -1145,6 +1201,30 @@ class DataSource:
         order = self._orders[plan.count]
         yield from plan.iterate(order if n is None else order[:n], ordered=self.options.shuffle_seed is None)
 
+    def layout(self, specs: list[InputSpec]) -> tuple[DataSpec, int, Sequence[int]]:
+        """How a path's samples are split among workers that each read the same path: the
+        spec they open (the path with its image preprocessing only), the number of samples
+        the path holds, and the positions of this source's samples in it, in order."""
+        if self._path is None:
+            raise UsageError("calibration on a cluster needs the data as a path every worker reads (a folder, a "
+                             "stacked file or images on shared storage), not a Python iterable")
+        plan = self._plan(specs)
+        return DataSpec(self._path, DataOptions(images=self.options.images)), plan.count, _order(plan.count, self.options)
+
+    def read_positions(self, specs: list[InputSpec], positions: Sequence[int], count: int) -> Iterator[tuple[str, Sample]]:
+        """(name, checked sample) at ``positions`` of a path that holds ``count`` samples
+        (as the client's ``layout`` saw it: a worker that lists another count reads other data)."""
+        plan = self._plan(specs)
+        if plan.count != count:
+            raise CalibrationDataError(f"{self._path} holds {plan.count} samples on this worker but {count} where the "
+                                       "run started: every worker must read the same data (shared storage)")
+        ordered = all(a < b for a, b in zip(positions, positions[1:]))
+        return plan.iterate(positions, ordered=ordered)
+
+    def stream_named(self, specs: list[InputSpec]) -> Iterator[tuple[str, Sample]]:
+        """(name, checked sample) of a path, in this source's order (all its options applied)."""
+        return self._named(specs)
+
     def _count(self) -> int | None:
         if self._last_specs is not None:
             count = self._plans[self._last_specs].count
@@ -1152,9 +1232,11 @@ class DataSource:
             if self._collection is None:
                 self._collection = _collection(self._path)
             count = len(self._collection.files) if isinstance(self._collection, _Folder) else None
-        if count is None or self.options.max_samples is None:
+        if count is None:
             return count
-        return min(count, self.options.max_samples)
+        if self.options.max_samples is not None:
+            count = min(count, self.options.max_samples)
+        return count if self.options.shard is None else len(shard_positions(count, *self.options.shard))
 
     def _plain_path(self) -> bool:
         """A path read as the consumers read a path themselves (no option changes it)."""

@@ -26,6 +26,7 @@ from . import runtime
 from .algorithms.normalization import REASON as NORMALIZATION_REASON
 from .algorithms.normalization import normalization_nodes
 from .calibrate import Calibrator
+from .calibration_state import CalibrationState
 from .calibration_state import save_ranges as write_ranges_file
 from .checks import (
     check_stage1,
@@ -230,7 +231,7 @@ def _stage1_difference(ctx: Context, sample) -> str | None:
 
 
 def _collect(ctx: Context) -> str:
-    ctx.calibrator.collect_data(ctx.data.stream())
+    ctx.calibrator.collect_data(ctx.data.stream(), client=ctx.client)
     return f"{ctx.calibrator.samples_seen} samples, {len(ctx.calibrator.tensors)} tensors"
 
 
@@ -545,6 +546,9 @@ FINISH = (
     Step("commit", "write", _commit),
 )
 PIPELINE = PREPARE + QUANTIZE + FINISH
+# Stage 2 alone (one shard of the data, say): the calibration state, saved and committed.
+# Stage 2 alone (`quantize calibrate`): the state is of the stage-1 model, so nothing corrects it.
+CALIBRATE = tuple(s for s in PREPARE if s.name != "correct_bias") + (Step("commit", "write", _commit),)
 
 
 def with_steps(steps: Sequence[Step], after: str, extra: Sequence[Step]) -> tuple[Step, ...]:
@@ -598,6 +602,7 @@ def quantize_model(
     protect: bool | None = None,
     report_samples: int | None = None,
     strict: bool | None = None,
+    client=None,
 ) -> QuantizationResult:
     """optimize -> calibrate -> quantize, as the pipeline's steps.
 
@@ -612,6 +617,8 @@ def quantize_model(
     ``report_samples`` > 0 adds ``summary["tensors"]``: per-tensor SQNR on that many samples.
     ``target``: the backend (default "ort-cpu", resolved for this machine; "tensorrt",
     "tflite", or a target file); ``activation_dtype``/``weight_range`` override its choice.
+    ``client``: a ``dask.distributed.Client`` whose workers calibrate (``dataset`` a path
+    they all read); the model is byte-identical to a run without it.
     """
     config = QuantizationConfig.build(
         config, method=method, percentile=percentage, input_shapes=input_shapes, target=target,
@@ -619,5 +626,20 @@ def quantize_model(
         show_progress=show_progress, range_overrides=range_overrides, protect=protect,
         report_samples=report_samples, strict=strict)
     inputs = CalibrationInputs(dataset, load_calibration, ranges)
-    ctx = run(new_context(model, config, inputs, Outputs(save_calibration=save_calibration)))
+    ctx = run(new_context(model, config, inputs, Outputs(save_calibration=save_calibration), client=client))
     return QuantizationResult(ctx.outcome.model, ctx.ranges, ctx.summary)
+
+
+def calibrate_model(model, dataset, *, config: QuantizationConfig | None = None, save_calibration=None,
+                    load_calibration: Sequence = (), client=None, **changes) -> CalibrationState:
+    """Stages 1 and 2 only: the calibration state of ``model`` over ``dataset`` (e.g. one
+    shard: ``DataSpec(path, DataOptions(shard=(i, n)))``), written to ``save_calibration``
+    when given.  States of disjoint shards, merged (``load_calibration`` of
+    ``quantize_model``), are exactly the state of one run over all of them.  ``changes``
+    are QuantizationConfig fields (``target``, ``input_shapes``, ``exclude``, ...): the ones
+    that decide the stage-1 model and the calibrated tensors must match the later run.
+    ``client``: a ``dask.distributed.Client`` whose workers calibrate."""
+    config = QuantizationConfig.build(config, **changes)
+    ctx = run(new_context(model, config, CalibrationInputs(dataset, load_calibration),
+                          Outputs(save_calibration=save_calibration), keep_histograms=True, client=client), CALIBRATE)
+    return ctx.calibrator.state

@@ -34,11 +34,14 @@ def with_extra_outputs(model: onnx.ModelProto, tensors) -> onnx.ModelProto:
     return observed
 
 
-def session(model, *, extra_outputs=(), optimize: bool = True) -> ort.InferenceSession:
+def session(model, *, extra_outputs=(), optimize: bool = True, threads: int | None = None) -> ort.InferenceSession:
     """A session for ``model`` (path or ModelProto).  ``optimize=False`` runs the graph
-    as written (every Q/DQ tensor exists; no constant folding by onnxruntime)."""
+    as written (every Q/DQ tensor exists; no constant folding by onnxruntime).
+    ``threads``: onnxruntime's intra-op threads (None: its default, one per core)."""
     options = ort.SessionOptions()
     options.log_severity_level = 4
+    if threads is not None:
+        options.intra_op_num_threads = threads
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if isinstance(model, (str, os.PathLike)) and not extra_outputs:

@@ -40,16 +40,16 @@ def save_model(model, tmp_path, name="m.onnx"):
 SLOW_CLI = textwrap.dedent("""
     import sys, time
     import quantizer.dataset as dataset
-    original = dataset.iter_folder
+    original = dataset.DataSource.stream_named
 
-    def slow(folder, specs):
-        for index, sample in enumerate(original(folder, specs)):
+    def slow(source, specs):
+        for index, named in enumerate(original(source, specs)):
             if index == 1:
                 print("CALIBRATING", file=sys.stderr, flush=True)
             time.sleep(0.05)
-            yield sample
+            yield named
 
-    dataset.iter_folder = slow
+    dataset.DataSource.stream_named = slow
     from quantizer.cli.main import main
     sys.argv = ["quantize", *sys.argv[1:]]
     main()

@@ -351,9 +351,9 @@ def count_collections(monkeypatch):
     calls = []
     original = Calibrator.collect_data
 
-    def counting(self, dataset):
+    def counting(self, dataset, **options):
         calls.append(self)
-        return original(self, dataset)
+        return original(self, dataset, **options)
 
     monkeypatch.setattr(Calibrator, "collect_data", counting)
     return calls

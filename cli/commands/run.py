@@ -34,7 +34,8 @@ from ..text import format_summary, warnings
 @options.report_samples
 @options.min_sqnr
 def run(model, method, data, output, target, percentage, activation_dtype, weight_range, exclude, no_protect,
-        no_protect_normalization, bias_correction, accuracy_samples, report, quiet, input_shapes, strict, fidelity_samples, debug, save_calibration, load_calibration, save_ranges, ranges_file, input_types,
+        no_protect_normalization, bias_correction, accuracy_samples, report, quiet, input_shapes, strict,
+        fidelity_samples, workers, scheduler, debug, save_calibration, load_calibration, save_ranges, ranges_file, input_types,
         output_types, input_ranges, optimize_only, report_samples, min_sqnr, **data_forms):
     """Optimize, calibrate and quantize MODEL to int8 QDQ ONNX."""
 
@@ -66,10 +67,10 @@ def run(model, method, data, output, target, percentage, activation_dtype, weigh
         steps = pipeline.with_steps(pipeline.PIPELINE, "load", [check_io_names_step(in_types, overrides, out_types)])
         if in_types or out_types:
             steps = pipeline.with_steps(steps, "insert_qdq", [edit_io_step(in_types, out_types)])
-        ctx = pipeline.new_context(model, config, outputs=outputs, inputs=CalibrationInputs(
-            options.data_argument(data, data_forms), tuple(load_calibration),
-            load_ranges(ranges_file) if ranges_file else None))
-        pipeline.run(ctx, steps)
+        inputs = CalibrationInputs(options.data_argument(data, data_forms), tuple(load_calibration),
+                                   load_ranges(ranges_file) if ranges_file else None)
+        with options.cluster(workers, scheduler) as client:
+            ctx = pipeline.run(pipeline.new_context(model, config, inputs, outputs, client=client), steps)
         if not quiet:
             click.echo(format_summary(ctx.summary, out))
         for warning in warnings(ctx.summary):

@@ -29,7 +29,8 @@ from ..text import format_summary, format_trial, warnings
               help="Calibration samples for the per-tensor SQNR that ranks the fallback nodes.")
 @options.min_sqnr
 def tune(model, eval_script, tolerable_loss, max_trials, methods, data, output, target, percentage, activation_dtype,
-         weight_range, exclude, no_protect, no_protect_normalization, bias_correction, accuracy_samples, report, quiet, input_shapes, strict, fidelity_samples, debug, report_samples,
+         weight_range, exclude, no_protect, no_protect_normalization, bias_correction, accuracy_samples, report, quiet,
+         input_shapes, strict, fidelity_samples, workers, scheduler, debug, report_samples,
          min_sqnr, **data_forms):
     """Quantize MODEL trying methods, then float fallbacks, until the metric of --eval is
     within --tolerable-loss of the float model's."""
@@ -43,15 +44,17 @@ def tune(model, eval_script, tolerable_loss, max_trials, methods, data, output, 
         out = output or default_output(model, "int8")
         data_arg = options.data_argument(data, data_forms)
         steps = options.accuracy_steps(no_protect_normalization, bias_correction, accuracy_samples)
-        result = autotune(model, data_arg, eval_fn, tolerable_loss, max_trials, list(methods) or list(DEFAULT_METHODS),
-                          config=QuantizationConfig(**steps) if steps else None,
-                          input_shapes=options.parse_shapes(input_shapes), target=target, activation_dtype=activation_dtype,
-                          weight_range=weight_range, exclude=exclude, protect=not no_protect,
-                          percentage=percentage, report_samples=report_samples,
-                          show_progress=False if quiet else None,
-                          outputs=Outputs(model=out, report=report, min_sqnr_db=min_sqnr,
-                                          fidelity_samples=fidelity_samples), strict=strict,
-                          on_trial=None if quiet else lambda trial: click.echo(format_trial(trial, max_trials)))
+        with options.cluster(workers, scheduler) as client:
+            result = autotune(
+                model, data_arg, eval_fn, tolerable_loss, max_trials, list(methods) or list(DEFAULT_METHODS),
+                config=QuantizationConfig(**steps) if steps else None,
+                input_shapes=options.parse_shapes(input_shapes), target=target, activation_dtype=activation_dtype,
+                weight_range=weight_range, exclude=exclude, protect=not no_protect,
+                percentage=percentage, report_samples=report_samples,
+                show_progress=False if quiet else None,
+                outputs=Outputs(model=out, report=report, min_sqnr_db=min_sqnr, fidelity_samples=fidelity_samples),
+                strict=strict, client=client,
+                on_trial=None if quiet else lambda trial: click.echo(format_trial(trial, max_trials)))
         best = result.best
         if not quiet:
             click.echo(format_summary(result.summary, out))
