@@ -28,6 +28,9 @@ FLAGS = {
     "images": "--preprocess/--image-*", "images.size": "--image-size", "images.layout": "--image-layout",
     "images.channel_order": "--channel-order", "images.scale": "--image-scale", "images.mean": "--mean",
     "images.std": "--std",
+    "mode": "--mode", "weight_bits": "--weight-bits", "block_size": "--block-size",
+    "weight_symmetric": "--weight-asymmetric", "weight_signed": "--weight-unsigned",
+    "weight_algorithm": "--weight-algorithm", "dataset": "--data", "embeddings": "--no-embeddings",
 }
 
 
@@ -129,6 +132,42 @@ DATA_OPTIONS = option_group(max_samples, shuffle_seed, preprocess, image_size, i
                             image_scale, mean, std)
 
 # What `run` and `tune` both take.
+# The kind of quantization (QuantizationConfig.mode) and the weight-only choices.
+mode = click.option("--mode", type=click.Choice(["static", "dynamic", "weight-only"]), default="static",
+                    show_default=True,
+                    help="static: int8 Q/DQ with calibrated activation ranges; dynamic: int8 MatMul/Gemm weights, "
+                         "activations quantized at run time (no --data needed; given, it only checks the result); "
+                         "weight-only: int8/int4 block-quantized MatMul/Gemm weights, float activations.")
+weight_bits = click.option("--weight-bits", type=click.Choice(["8", "4"]), default=None,
+                           help="Weight-only: bits per weight [default: 4].")
+block_size = click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
+                          help="Weight-only: weights per scale along the reduction axis [default: 32].")
+weight_asymmetric = click.option("--weight-asymmetric", is_flag=True,
+                                 help="Weight-only: a zero point per block (min..max) instead of symmetric blocks.")
+weight_unsigned = click.option("--weight-unsigned", is_flag=True,
+                               help="Weight-only: uint4/uint8 weights instead of int4/int8.")
+weight_algorithm = click.option("--weight-algorithm", type=click.Choice(["rtn", "gptq"]), default=None,
+                                help="Weight-only rounding: rtn (round to nearest) or gptq (error feedback over the "
+                                     "--data activations) [default: rtn].")
+no_embeddings = click.option("--no-embeddings", is_flag=True,
+                              help="Weight-only: keep the Gather tables (embeddings) float.")
+MODE = option_group(mode, weight_bits, block_size, weight_asymmetric, weight_unsigned, weight_algorithm, no_embeddings)
+
+
+def mode_config(mode, weight_bits=None, block_size=None, weight_asymmetric=False, weight_unsigned=False,
+                weight_algorithm=None, no_embeddings=False) -> dict:
+    """The QuantizationConfig fields of the MODE options (unset ones left to the config)."""
+    fields = {"mode": mode, "weight_bits": int(weight_bits) if weight_bits else None,
+              "block_size": int(block_size) if block_size else None, "weight_algorithm": weight_algorithm}
+    if weight_asymmetric:
+        fields["weight_symmetric"] = False
+    if weight_unsigned:
+        fields["weight_signed"] = False
+    if no_embeddings:
+        fields["embeddings"] = False
+    return {k: v for k, v in fields.items() if v is not None}
+
+
 QUANTIZATION = option_group(data, DATA_OPTIONS, output, target, percentile, activation_dtype, weight_range, exclude,
                             no_protect, report, quiet, input_shape, strict, fidelity_samples, debug)
 

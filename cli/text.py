@@ -60,7 +60,7 @@ def format_summary(summary, output: Path | None, rows: int = 10) -> str:
     size = summary["size_bytes"]
     lines.append(f"size: {size['before'] / 1e6:.2f} MB -> {size['after'] / 1e6:.2f} MB")
     calib = summary.get("calibration")
-    if calib:
+    if calib and calib["method"] != "none":
         lines.append(f"calibration: {calib['method'].lower()} over {calib['samples']} samples, "
                      f"{calib['tensors']} tensors")
         for name, (low, high) in calib.get("overridden", {}).items():
@@ -69,8 +69,15 @@ def format_summary(summary, output: Path | None, rows: int = 10) -> str:
             lines.append(f"  warning: {count} NaN/Inf values in '{name}' were ignored")
     target = summary.get("target")
     where = f"target {target['name']}" + (f" (for {target['requested']})" if target["requested"] != target["name"] else "") + "; " if target else ""
-    lines.append(f"{where}weights: int8 {summary['weight_range']} range; activations: {summary['activation_dtype']}"
-                 + (" symmetric (zero point 0)" if target and target["activations"]["symmetric"] else ""))
+    if summary.get("mode", "static") == "static":
+        lines.append(f"{where}weights: int8 {summary['weight_range']} range; activations: {summary['activation_dtype']}"
+                     + (" symmetric (zero point 0)" if target and target["activations"]["symmetric"] else ""))
+    else:
+        forms: dict[str, int] = {}
+        for form in nodes.get("forms", {}).values():
+            forms[form] = forms.get(form, 0) + 1
+        lines.append(f"{where}mode {summary['mode']}")
+        lines.extend(f"  {n} x {form}" for form, n in forms.items())
     lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in summary["seconds"].items()))
     lines.extend(f"note: {for_cli(note)}" for note in summary.get("notes", []))
     lines.extend(format_io(summary.get("io", [])))

@@ -129,6 +129,9 @@ def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable
     base = QuantizationConfig.build(config, percentile=percentage, input_shapes=input_shapes,
                                     target=target, activation_dtype=activation_dtype, weight_range=weight_range,
                                     exclude=exclude, protect=protect, show_progress=show_progress, strict=strict)
+    if base.mode != "static":
+        raise UsageError(f"autotune searches calibration methods and float fallbacks of `mode` static; "
+                         f"`mode` {base.mode} has no activation ranges to tune")
     configs = [base.with_(method=m, report_samples=report_samples) for m in methods]  # validates every method
     sensitivity_samples = report_samples if report_samples > 0 else DEFAULT_REPORT_SAMPLES
 

@@ -92,6 +92,11 @@ def insert(ir_model: ir.Model, ranges: Mapping, activation_dtype: str | None = N
     ranges = validate_ranges(ranges)
     plan = _plan_with_ranges(ir_model, ranges, set(exclude), target)
     params = insert_qdq(ir_model, plan, ranges)
+    return QuantizeOutcome(finish_model(ir_model), plan, params, target.weights.range, target)
+
+
+def finish_model(ir_model: ir.Model) -> onnx.ModelProto:
+    """A rewritten model as a checked ModelProto: unused nodes removed, sorted."""
     ir_passes.RemoveUnusedNodesPass()(ir_model)
     ir_passes.TopologicalSortPass()(ir_model)
     out = ir.to_proto(ir_model)
@@ -100,7 +105,7 @@ def insert(ir_model: ir.Model, ranges: Mapping, activation_dtype: str | None = N
             onnx.checker.check_model(out, full_check=True)
     except Exception as exc:
         raise InternalError(f"the quantized model fails onnx.checker: {first_line(exc)}") from exc
-    return QuantizeOutcome(out, plan, params, target.weights.range, target)
+    return out
 
 
 def quantize_with_plan(model, ranges: Mapping, activation_dtype: str | None = None,

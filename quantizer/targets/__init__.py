@@ -24,6 +24,7 @@ from typing import Any
 
 from .spec import (
     ACTIVATION_DTYPES,
+    MODES,
     WEIGHT_QMAX,
     ActivationSpec,
     ScaleRule,
@@ -43,6 +44,7 @@ __all__ = [
     "ACTIVATION_DTYPES",
     "ALIASES",
     "DEFAULT_TARGET",
+    "MODES",
     "WEIGHT_QMAX",
     "ActivationSpec",
     "ScaleRule",

@@ -19,6 +19,8 @@ from ..qdq.rules import KINDS, OUTPUTS, OpRule
 
 ACTIVATION_DTYPES = ("uint8", "int8")  # the order is the default preference of a file without dtypes
 BIAS_DTYPES = ("int32", "float")
+# Kinds of quantization (QuantizationConfig.mode); a target lists the ones it runs.
+MODES = ("static", "dynamic", "weight-only")
 PLACEMENTS = ("outputs", "inputs")
 
 
@@ -79,6 +81,9 @@ class Target:
     a DequantizeLinear with a scaled scale (no op at run time).
     rewrites: stage-1 rewrite families (quantizer/rewrites.py) that help this backend.
     report_fusion: after writing, report which nodes onnxruntime runs in integer kernels.
+    modes: the kinds of quantization the backend runs fast (MODES): "static" Q/DQ,
+    "dynamic" (int8 weights, activations quantized at run time), "weight-only" (int8/int4
+    block-quantized weights, float compute).
     """
 
     name: str
@@ -92,6 +97,7 @@ class Target:
     fold_scalar_mul: bool = False
     rewrites: tuple[str, ...] = ()
     report_fusion: bool = False
+    modes: tuple[str, ...] = ("static",)
     requested: str = ""  # what the user asked for ("ort-cpu" resolves to a machine's preset)
     source: str = ""  # "preset" or the file it came from
 
@@ -129,6 +135,7 @@ class Target:
             "placement": {"qdq": self.placement, "fused_activations": sorted(self.fused_activations),
                           "fold_scalar_mul": self.fold_scalar_mul, "rewrites": list(self.rewrites),
                           "report_fusion": self.report_fusion},
+            "modes": list(self.modes),
             "ops": {op: rule.as_dict() for op, rule in sorted(self.ops.items())},
         }
 
@@ -136,7 +143,7 @@ class Target:
 # -- reading a mapping -----------------------------------------------------------------
 
 _SCHEMA = {
-    "name": str, "description": str, "base": str,
+    "name": str, "description": str, "base": str, "modes": list,
     "activations": {"dtype": str, "dtypes": list, "symmetric": bool,
                     "scale": {"power_of_two": bool, "minimum": (int, float)}},
     "weights": {"range": str, "ranges": list, "per_channel": bool,
@@ -259,5 +266,6 @@ def from_mapping(data: Mapping, *, known_rewrites=(), source: str = "preset") ->
         bias=_choice(data.get("bias", {}).get("dtype", "int32"), BIAS_DTYPES, "bias.dtype"),
         ops=ops, placement=_choice(placement.get("qdq", "outputs"), PLACEMENTS, "placement.qdq"),
         fused_activations=frozenset(fused), fold_scalar_mul=bool(placement.get("fold_scalar_mul", False)),
-        rewrites=rewrites, report_fusion=bool(placement.get("report_fusion", False)), source=source,
+        rewrites=rewrites, report_fusion=bool(placement.get("report_fusion", False)),
+        modes=_choices(data.get("modes", ["static"]), MODES, "modes"), source=source,
     )

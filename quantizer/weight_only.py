@@ -1,0 +1,186 @@
+"""Weight-only quantization: int8/int4 block-quantized MatMul/Gemm weights, float activations.
+
+Each MatMul/Gemm with a constant weight becomes
+
+    DequantizeLinear(W_q [K, N] int4|uint4|int8|uint8, scale [K/B, N], zero_point,
+                     axis=0, block_size=B) -> MatMul [-> Add(bias)]
+
+standard ONNX at opset 21, which onnxruntime (>= 1.20; checked on 1.32 for all four
+types) fuses into its MatMulNBits kernel, so the weight stays packed in memory and is
+dequantized block by block inside the kernel.  Weights are rounded to nearest
+(``rtn``) or by GPTQ (``gptq``), which needs the calibration activations of each
+layer's input, reduced here to X^T X (``collect_hessians``; memory K x K per input).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from . import runtime
+from .checks import ort_message
+from .dataset import input_specs, iter_samples
+from .errors import CalibrationDataError, ModelError, first_line
+from .qdq.blockwise import BlockQuantized, WeightGrid, gptq, quantize_blocks
+from .qdq.matmuls import Rewriter, WeightedNode, plan_weighted
+from .qdq.plan import QuantPlan, _is_constant, _is_float
+
+OPSET = 21  # DequantizeLinear with block_size (and int4/uint4)
+MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops: GatherBlockQuantized for embedding tables
+_IR_TYPES = {"int4": ml_dtypes.int4, "uint4": ml_dtypes.uint4, "int8": np.int8, "uint8": np.uint8}
+
+
+@dataclass
+class Table:
+    """A Gather's constant [V, D] table (an embedding), quantized in blocks along D."""
+
+    node: ir.Node
+    table: np.ndarray
+
+
+def grid_of(config) -> WeightGrid:
+    return WeightGrid(config.weight_bits, config.weight_signed, config.weight_symmetric)
+
+
+def form(config) -> str:
+    kind = "symmetric" if config.weight_symmetric else "asymmetric"
+    return (f"weight-only: {grid_of(config).dtype} weights, {kind}, blocks of {config.block_size} "
+            f"({config.weight_algorithm}), float activations")
+
+
+def table_form(config) -> str:
+    return (f"weight-only: {grid_of(config).dtype} embedding table, blocks of {config.block_size} along each row "
+            "(GatherBlockQuantized)")
+
+
+def _table(node: ir.Node, block_size: int) -> np.ndarray | str:
+    """The constant [V, D] table a Gather reads rows of, or why it stays float."""
+    data = node.inputs[0]
+    if not _is_constant(data) or not _is_float(data) or not _is_float(node.outputs[0]):
+        return "the Gather's data is not a constant float table"
+    table = data.const_value.numpy()
+    axis = node.attributes["axis"].value if "axis" in node.attributes else 0
+    if table.ndim != 2 or axis not in (0, -2):
+        return "only 2-D tables gathered along axis 0 are quantized"
+    if table.shape[1] % block_size:
+        return f"the table's row length {table.shape[1]} is not a multiple of `block_size` {block_size}"
+    return table.astype(np.float32)
+
+
+def plan_weight_only(model: ir.Model, skip, config) -> tuple[QuantPlan, list]:
+    """MatMul/Gemm weights, and with ``config.embeddings`` the Gather tables (embeddings)."""
+    plan, found = plan_weighted(model, skip, form(config), "weight-only")
+    plan.target = config.resolved_target
+    if config.embeddings:
+        for node in model.graph:
+            if node.op_type != "Gather" or plan.float_reasons.get(node.name) == "excluded" or node.domain not in ("", "ai.onnx"):
+                continue
+            table = _table(node, config.block_size)
+            if isinstance(table, str):
+                plan.float_reasons[node.name] = table
+                continue
+            plan.float_reasons.pop(node.name, None)
+            plan.quantized_nodes.append(node)
+            plan.forms[node.name] = table_form(config)
+            found.append(Table(node, table))
+    return plan, found
+
+
+def at_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` at opset 21 (where DequantizeLinear has block_size)."""
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), OPSET)
+    if version >= OPSET:
+        return model
+    try:
+        converted = onnx.version_converter.convert_version(model, OPSET)
+    except Exception as exc:
+        raise ModelError(f"weight-only quantization needs opset {OPSET} (DequantizeLinear with block_size) and "
+                         f"the model cannot be converted from opset {version}: {first_line(exc)}") from exc
+    converted.ir_version = max(converted.ir_version, 10)
+    return converted
+
+
+def collect_hessians(model: onnx.ModelProto, tensors: Iterable[str], dataset) -> tuple[dict[str, np.ndarray], int]:
+    """{tensor: X^T X} over ``dataset`` for each named activation (its last axis is K,
+    every other axis a row), and the number of samples."""
+    names = list(dict.fromkeys(tensors))
+    session = runtime.session(model, extra_outputs=names)
+    sums: dict[str, np.ndarray] = {}
+    count = 0
+    for sample in iter_samples(dataset, input_specs(model)):
+        try:
+            arrays = session.run(names, sample)
+        except Exception as exc:
+            raise CalibrationDataError(f"onnxruntime failed on calibration sample {count}: {ort_message(exc)}") from exc
+        for name, array in zip(names, arrays):
+            rows = np.asarray(array, np.float64).reshape(-1, array.shape[-1])
+            rows = rows[np.isfinite(rows).all(axis=1)]
+            product = rows.T @ rows
+            sums[name] = product if name not in sums else sums[name] + product
+        count += 1
+    return sums, count
+
+
+def quantize_weight(item: WeightedNode, config, hessians: Mapping[str, np.ndarray] | None) -> BlockQuantized:
+    grid = grid_of(config)
+    if config.weight_algorithm == "gptq" and hessians is not None and item.node.inputs[0].name in hessians:
+        return gptq(item.weight, hessians[item.node.inputs[0].name], config.block_size, grid)
+    return quantize_blocks(item.weight, config.block_size, grid)
+
+
+def insert_weight_only(model: ir.Model, found: list[WeightedNode], config,
+                       hessians: Mapping[str, np.ndarray] | None = None) -> None:
+    """Rewrite every node of ``found`` (from ``plan_weight_only`` on ``model``) in place."""
+    rewrite = Rewriter(model.graph)
+    for item in found:
+        if isinstance(item, Table):
+            _gather_quantized(rewrite, item, config)
+            continue
+        node = item.node
+        quantized = quantize_weight(item, config, hessians)
+        base = node.name or "matmul"
+        dtype = _IR_TYPES[quantized.grid.dtype]
+        q = rewrite.constant(f"{base}_weight_quantized", ir.tensor(quantized.q.astype(dtype)))
+        scale = rewrite.constant(f"{base}_weight_scale", quantized.scale)
+        inputs = [q, scale]
+        if not (quantized.grid.signed and quantized.grid.symmetric):  # else the zero point is 0: omitted
+            inputs.append(rewrite.constant(f"{base}_weight_zero_point", ir.tensor(quantized.zero_point.astype(dtype))))
+        dq = rewrite.node("DequantizeLinear", inputs, f"{base}_weight", axis=0, block_size=config.block_size)
+        dq.outputs[0].type, dq.outputs[0].shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(quantized.q.shape)
+        if node.op_type == "MatMul":  # the node stays, reading the dequantized weight
+            model.graph.insert_before(node, dq)
+            node.replace_input_with(1, dq.outputs[0])
+            continue
+        matmul = rewrite.node("MatMul", [node.inputs[0], dq.outputs[0]], base)
+        nodes = [dq, matmul]
+        if item.bias is not None:
+            nodes.append(rewrite.node("Add", [matmul.outputs[0], rewrite.constant(f"{base}_bias", item.bias)], base))
+        rewrite.replace(node, nodes, nodes[-1].outputs[0])
+
+
+def _gather_quantized(rewrite: Rewriter, item: Table, config) -> None:
+    """Gather(table, ids) -> GatherBlockQuantized(table_q, ids, scales[, zero points]):
+    blocks along each row (quantize_axis 1).  4 bits are int4/uint4 tensors; 8 bits are
+    uint8 (onnxruntime's kernel takes no int8): a signed grid is shifted by 128, exactly."""
+    grid = grid_of(config)
+    quantized = quantize_blocks(item.table.T, config.block_size, grid)  # blocks along D
+    q, zero = quantized.q.T.astype(np.int32), quantized.zero_point.T.astype(np.int32)
+    if grid.bits == 8 and grid.signed:
+        q, zero = q + 128, zero + 128
+    dtype = _IR_TYPES[grid.dtype] if grid.bits == 4 else np.uint8
+    node = item.node
+    base = node.name or "gather"
+    inputs = [rewrite.constant(f"{base}_table_quantized", ir.tensor(q.astype(dtype))), node.inputs[1],
+              rewrite.constant(f"{base}_table_scale", np.ascontiguousarray(quantized.scale.T))]
+    if not (grid.bits == 4 and grid.signed and grid.symmetric):
+        inputs.append(rewrite.constant(f"{base}_table_zero_point", ir.tensor(zero.astype(dtype))))
+    gather = rewrite.node("GatherBlockQuantized", inputs, base, domain=MS_DOMAIN, gather_axis=0,
+                          quantize_axis=1, block_size=config.block_size, bits=grid.bits)
+    rewrite.replace(node, [gather], gather.outputs[0])
+    if MS_DOMAIN not in rewrite.graph.opset_imports:
+        rewrite.graph.opset_imports[MS_DOMAIN] = 1
