@@ -29,7 +29,7 @@ FLAGS = {
     "images.channel_order": "--channel-order", "images.scale": "--image-scale", "images.mean": "--mean",
     "images.std": "--std",
     "mode": "--mode", "weight_bits": "--weight-bits", "block_size": "--block-size",
-    "weight_symmetric": "--weight-asymmetric", "weight_signed": "--weight-unsigned",
+    "weight_symmetric": "--weight-symmetric", "weight_signed": "--weight-unsigned",
     "weight_algorithm": "--weight-algorithm", "dataset": "--data", "embeddings": "--no-embeddings",
 }
 
@@ -142,8 +142,9 @@ weight_bits = click.option("--weight-bits", type=click.Choice(["8", "4"]), defau
                            help="Weight-only: bits per weight [default: 4].")
 block_size = click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
                           help="Weight-only: weights per scale along the reduction axis [default: 32].")
-weight_asymmetric = click.option("--weight-asymmetric", is_flag=True,
-                                 help="Weight-only: a zero point per block (min..max) instead of symmetric blocks.")
+weight_symmetric = click.option("--weight-symmetric", is_flag=True,
+                                help="Weight-only: symmetric blocks (zero point at the grid's middle) instead of a "
+                                     "zero point per block (min..max).")
 weight_unsigned = click.option("--weight-unsigned", is_flag=True,
                                help="Weight-only: uint4/uint8 weights instead of int4/int8.")
 weight_algorithm = click.option("--weight-algorithm", type=click.Choice(["rtn", "gptq"]), default=None,
@@ -151,16 +152,16 @@ weight_algorithm = click.option("--weight-algorithm", type=click.Choice(["rtn", 
                                      "--data activations) [default: rtn].")
 no_embeddings = click.option("--no-embeddings", is_flag=True,
                               help="Weight-only: keep the Gather tables (embeddings) float.")
-MODE = option_group(mode, weight_bits, block_size, weight_asymmetric, weight_unsigned, weight_algorithm, no_embeddings)
+MODE = option_group(mode, weight_bits, block_size, weight_symmetric, weight_unsigned, weight_algorithm, no_embeddings)
 
 
-def mode_config(mode, weight_bits=None, block_size=None, weight_asymmetric=False, weight_unsigned=False,
+def mode_config(mode, weight_bits=None, block_size=None, weight_symmetric=False, weight_unsigned=False,
                 weight_algorithm=None, no_embeddings=False) -> dict:
     """The QuantizationConfig fields of the MODE options (unset ones left to the config)."""
     fields = {"mode": mode, "weight_bits": int(weight_bits) if weight_bits else None,
               "block_size": int(block_size) if block_size else None, "weight_algorithm": weight_algorithm}
-    if weight_asymmetric:
-        fields["weight_symmetric"] = False
+    if weight_symmetric:
+        fields["weight_symmetric"] = True
     if weight_unsigned:
         fields["weight_signed"] = False
     if no_embeddings:

@@ -187,8 +187,8 @@ def test_weight_only_emits_blocked_dequantize_that_onnxruntime_fuses(bits, signe
     fused_outputs = outputs(q, feed)
     assert sqnr_db(got["y3"], fused_outputs["y3"]) > 30  # the kernel computes what the graph says
     assert sqnr_db(floats["y3"], got["y3"]) > (14 if bits == 4 else 35)
-    # Gather -> GatherBlockQuantized with blocks along each row
-    table = quantize_blocks(initializer(model, "table").T, 16, grid).dequantize().T
+    # Gather -> GatherBlockQuantized with blocks along each row, 8 bits (whatever weight_bits)
+    table = quantize_blocks(initializer(model, "table").T, 16, WeightGrid(8, signed, symmetric)).dequantize().T
     np.testing.assert_allclose(got["e"], table[feed["ids"]], rtol=1e-5, atol=1e-6)
     fused = optimized_ops(q)
     assert fused.count("MatMulNBits") == 4 and "DequantizeLinear" not in fused
@@ -262,7 +262,7 @@ def test_cli_modes(tmp_path):
     r = runner.invoke(cli, [str(path), "--mode", "weight-only", "--weight-bits", "4", "--block-size", "16",
                             "-o", str(tmp_path / "w.onnx")])
     assert r.exit_code == 0, r.output
-    assert "int4 weights, symmetric, blocks of 16 (rtn)" in r.output
+    assert "int4 weights, asymmetric, blocks of 16 (rtn)" in r.output and "int8 embedding table" in r.output
     r = runner.invoke(cli, [str(path), "--weight-bits", "4", "--data", str(tmp_path)])
     assert r.exit_code == 2 and "--weight-bits is for --mode weight-only" in r.output
     r = runner.invoke(cli, [str(path), "--mode", "dynamic", "--target", "tensorrt"])

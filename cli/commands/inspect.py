@@ -22,7 +22,7 @@ from ..text import for_cli
 @options.MODE
 @click.option("--json", "as_json", is_flag=True, help="Print the inspection as JSON.")
 @options.debug
-def inspect(model, target, exclude, input_shapes, as_json, debug, mode, weight_bits, block_size, weight_asymmetric,
+def inspect(model, target, exclude, input_shapes, as_json, debug, mode, weight_bits, block_size, weight_symmetric,
             weight_unsigned, weight_algorithm, no_embeddings):
     """Show MODEL's inputs/outputs and, for every node of the optimized model (under the
     names --exclude matches), whether it would be quantized or kept float and why.
@@ -30,7 +30,7 @@ def inspect(model, target, exclude, input_shapes, as_json, debug, mode, weight_b
 
     def action():
         result = inspect_model(model, target=target, exclude=exclude, input_shapes=options.parse_shapes(input_shapes),
-                               **options.mode_config(mode, weight_bits, block_size, weight_asymmetric,
+                               **options.mode_config(mode, weight_bits, block_size, weight_symmetric,
                                                      weight_unsigned, weight_algorithm, no_embeddings))
         if as_json:
             click.echo(json.dumps(result.as_dict(), indent=2))

@@ -37,7 +37,7 @@ from ..text import format_summary, warnings
 def run(model, method, data, output, target, percentage, activation_dtype, weight_range, exclude, no_protect, report,
         quiet, input_shapes, strict, fidelity_samples, debug, save_calibration, load_calibration, save_ranges, ranges_file, input_types,
         output_types, input_ranges, optimize_only, report_samples, min_sqnr, mode, weight_bits, block_size,
-        weight_asymmetric, weight_unsigned, weight_algorithm, no_embeddings, **data_forms):
+        weight_symmetric, weight_unsigned, weight_algorithm, no_embeddings, **data_forms):
     """Optimize, calibrate and quantize MODEL to int8 QDQ ONNX."""
 
     def action():
@@ -51,7 +51,7 @@ def run(model, method, data, output, target, percentage, activation_dtype, weigh
 
             write_stage1(model, output or default_output(model, "opt"), shapes, quiet, target=target)
             return
-        modes = options.mode_config(mode, weight_bits, block_size, weight_asymmetric, weight_unsigned,
+        modes = options.mode_config(mode, weight_bits, block_size, weight_symmetric, weight_unsigned,
                                     weight_algorithm, no_embeddings)
         config = QuantizationConfig(**modes,
             method=method, percentile=percentage, input_shapes=shapes, target=target,
