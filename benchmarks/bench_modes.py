@@ -18,7 +18,6 @@ import contextlib
 import datetime
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from bench_accuracy import latency, session, sqnr_db
+from bench_accuracy import git_head, latency, session, sqnr_db
 from common import cpu_model, write_results_section
 from tasks import TASKS
 
@@ -94,14 +93,6 @@ def variants() -> dict[str, tuple]:
 def cosine(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
     f, q = (np.concatenate(a).astype(np.float64) for a in (reference, outputs))
     return float(np.mean(np.sum(f * q, 1) / (np.linalg.norm(f, axis=1) * np.linalg.norm(q, axis=1))))
-
-
-def git_head() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
