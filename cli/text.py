@@ -70,7 +70,9 @@ def format_summary(summary, output: Path | None, rows: int = 10) -> str:
     target = summary.get("target")
     where = f"target {target['name']}" + (f" (for {target['requested']})" if target["requested"] != target["name"] else "") + "; " if target else ""
     if summary.get("mode", "static") == "static":
-        lines.append(f"{where}weights: int8 {summary['weight_range']} range; activations: {summary['activation_dtype']}"
+        weights = target["weights"]["dtype"] if target and target["weights"]["dtype"] != "int8" else \
+            f"int8 {summary['weight_range']} range"
+        lines.append(f"{where}weights: {weights}; activations: {summary['activation_dtype']}"
                      + (" symmetric (zero point 0)" if target and target["activations"]["symmetric"] else ""))
     else:
         forms: dict[str, int] = {}
@@ -137,7 +139,8 @@ def format_target(target, full: bool = False) -> str:
     lines = [
         f"{target.name}: {target.description}" if target.description else target.name,
         f"  activations: {a.dtype} {sym}{allowed}",
-        f"  weights: int8 {w.range} [-{w.qmax}, {w.qmax}], {'per-channel' if w.per_channel else 'per-tensor'}"
+        (f"  weights: int8 {w.range} [-{w.qmax}, {w.qmax}]" if w.dtype == "int8" else f"  weights: {w.dtype}, amax / 448")
+        + f", {'per-channel' if w.per_channel else 'per-tensor'}"
         + (f" (allowed: {', '.join(w.ranges)})" if len(w.ranges) > 1 else ""),
         f"  bias: {target.bias}",
         f"  Q/DQ: on op {target.placement}"

@@ -55,13 +55,13 @@ from .model_io import (
 from .optimize import optimize_model
 from .protect import PROTECTED_REASON, find_protected
 from .qdq.plan import build_plan, resolve_exclude
-from .quantize import QuantizeOutcome, finish_model, insert, validate_ranges
+from .quantize import QuantizeOutcome, at_opset, finish_model, insert, validate_ranges
 from .report import report_summary
 from .subgraphs import count_subgraph_nodes
 from .summary import build_summary
 from .targets import record_target
 from .verify import Reference, WrittenModelCheck, compare_outputs, measure_fidelity
-from .weight_only import at_opset as weight_only_opset
+from .weight_only import OPSET as WEIGHT_ONLY_OPSET
 from .weight_only import collect_hessians, insert_weight_only, plan_weight_only
 
 # Stage 1 must compute the input model's function: an output whose SQNR against the input
@@ -267,7 +267,9 @@ def _protect(ctx: Context) -> str | None:
 
 def _insert_qdq(ctx: Context) -> str:
     keep = ctx.excluded | set(ctx.keep_float) | {p["node"] for p in ctx.protected}
-    ctx.outcome = insert(ir.from_proto(ctx.stage1), ctx.ranges, exclude=keep, target=ctx.config.resolved_target)
+    target = ctx.config.resolved_target
+    model = ir.from_proto(at_opset(ctx.stage1, target.min_opset, f"target {target.name}"))
+    ctx.outcome = insert(model, ctx.ranges, exclude=keep, target=target)
     record_target(ctx.outcome.model, ctx.config.resolved_target)
     reasons = ctx.outcome.plan.float_reasons
     reasons.update({p["node"]: PROTECTED_REASON for p in ctx.protected})
@@ -462,7 +464,8 @@ def _collect_hessians(ctx: Context) -> str:
 
 
 def _quantize_weights(ctx: Context) -> str:
-    model = ir.from_proto(weight_only_opset(ctx.stage1))
+    model = ir.from_proto(at_opset(ctx.stage1, WEIGHT_ONLY_OPSET, "weight-only quantization (DequantizeLinear "
+                                   "with block_size)"))
     target = ctx.config.resolved_target
     plan, found = _weight_only_plan(ctx, model)
     insert_weight_only(model, found, ctx.config, ctx.hessians)

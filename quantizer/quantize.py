@@ -11,7 +11,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
 from .checks import refuse_quantized
-from .errors import InternalError, UsageError, first_line
+from .errors import InternalError, ModelError, UsageError, first_line
 from .model_io import fits_in_protobuf, load_model
 from .qdq.insert import insert_qdq
 from .qdq.params import ActivationParams, resolve_weight_range
@@ -95,6 +95,20 @@ def insert(ir_model: ir.Model, ranges: Mapping, activation_dtype: str | None = N
     return QuantizeOutcome(finish_model(ir_model), plan, params, target.weights.range, target)
 
 
+def at_opset(model: onnx.ModelProto, version: int, purpose: str) -> onnx.ModelProto:
+    """``model`` at opset ``version`` or newer (converted; a ModelError names ``purpose``)."""
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), version)
+    if current >= version:
+        return model
+    try:
+        converted = onnx.version_converter.convert_version(model, version)
+    except Exception as exc:
+        raise ModelError(f"{purpose} needs opset {version} and the model cannot be converted from opset "
+                         f"{current}: {first_line(exc)}") from exc
+    converted.ir_version = max(converted.ir_version, 9 if version < 21 else 10)
+    return converted
+
+
 def finish_model(ir_model: ir.Model) -> onnx.ModelProto:
     """A rewritten model as a checked ModelProto: unused nodes removed, sorted."""
     ir_passes.RemoveUnusedNodesPass()(ir_model)
@@ -114,7 +128,9 @@ def quantize_with_plan(model, ranges: Mapping, activation_dtype: str | None = No
     """``insert`` on a stage-1 model given as a path or ModelProto (refused if quantized)."""
     proto = load_model(model)
     refuse_quantized(proto)
-    return insert(ir.from_proto(proto), ranges, activation_dtype, exclude, weight_range, target)
+    resolved = resolve_target(target, activation_dtype, weight_range)
+    proto = at_opset(proto, resolved.min_opset, f"target {resolved.name}")
+    return insert(ir.from_proto(proto), ranges, exclude=exclude, target=resolved)
 
 
 def quantize(model, ranges: Mapping, activation_dtype: str | None = None,

@@ -25,7 +25,7 @@ import onnx_ir as ir
 from . import runtime
 from .checks import ort_message
 from .dataset import input_specs, iter_samples
-from .errors import CalibrationDataError, ModelError, first_line
+from .errors import CalibrationDataError
 from .qdq.blockwise import BlockQuantized, WeightGrid, gptq, quantize_blocks
 from .qdq.matmuls import Rewriter, WeightedNode, plan_weighted
 from .qdq.plan import QuantPlan, _is_constant, _is_float
@@ -90,20 +90,6 @@ def plan_weight_only(model: ir.Model, skip, config) -> tuple[QuantPlan, list]:
             plan.forms[node.name] = table_form(config)
             found.append(Table(node, table))
     return plan, found
-
-
-def at_opset(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` at opset 21 (where DequantizeLinear has block_size)."""
-    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), OPSET)
-    if version >= OPSET:
-        return model
-    try:
-        converted = onnx.version_converter.convert_version(model, OPSET)
-    except Exception as exc:
-        raise ModelError(f"weight-only quantization needs opset {OPSET} (DequantizeLinear with block_size) and "
-                         f"the model cannot be converted from opset {version}: {first_line(exc)}") from exc
-    converted.ir_version = max(converted.ir_version, 10)
-    return converted
 
 
 def collect_hessians(model: onnx.ModelProto, tensors: Iterable[str], dataset) -> tuple[dict[str, np.ndarray], int]:

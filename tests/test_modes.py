@@ -270,3 +270,51 @@ def test_cli_modes(tmp_path):
     r = runner.invoke(cli, ["inspect", str(path), "--mode", "dynamic"])
     assert r.exit_code == 0 and "mm1" in r.output and "dynamic: uint8" in r.output
     assert run(onnx.load(tmp_path / "w.onnx"), samples(1)[0]).shape == (2, 8, N)
+
+
+# -- FP8 (tensorrt-fp8) ----------------------------------------------------------------
+
+def test_fp8_target_emits_float8_qdq_with_amax_scales(tmp_path):
+    import ml_dtypes
+    from conftest import SAMPLE_CALIB, SAMPLE_MODEL, SAMPLE_TEST
+
+    result = quantize_model(SAMPLE_MODEL, SAMPLE_CALIB, target="tensorrt-fp8", show_progress=False)
+    q = checked(result.model)
+    assert next(o.version for o in q.opset_import if o.domain == "") == 19
+    qdq = [n for n in q.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    inits = {i.name: i for i in q.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in qdq if len(n.input) > 2]
+    assert zero_points and all(z.data_type == TensorProto.FLOAT8E4M3FN for z in zero_points)
+    assert result.summary["activation_dtype"] == "float8_e4m3fn"
+    # activations: per tensor, scale = amax / 448 of the calibrated range
+    quantize_x = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input")
+    low, high = result.ranges["input"]
+    assert np.isclose(float(initializer(q, quantize_x.input[1])), max(-low, high) / 448, rtol=1e-6)
+    # weights: per output channel, scale = amax / 448, values rounded to E4M3 (numpy reference)
+    from quantizer import optimize_model
+
+    stage1 = {i.name: numpy_helper.to_array(i) for i in optimize_model(SAMPLE_MODEL).graph.initializer}
+    conv = next(n for n in q.graph.node if n.op_type == "Conv")
+    dq = next(n for n in q.graph.node if n.output[0] == conv.input[1])
+    w_q, scale = initializer(q, dq.input[0]), initializer(q, dq.input[1])
+    w = stage1[dq.input[0].removesuffix("_quantized")]
+    np.testing.assert_allclose(scale, np.abs(w).reshape(len(w), -1).max(1) / 448, rtol=1e-6)
+    reference = (w / scale.reshape(-1, 1, 1, 1)).astype(ml_dtypes.float8_e4m3fn)
+    np.testing.assert_array_equal(w_q.astype(np.float32), reference.astype(np.float32))
+    assert np.abs(w_q.astype(np.float32)).max() == 448
+    # onnxruntime's CPU provider runs it (Q/DQ emulation): close to float on held-out digits.
+    # (runtime.session runs float8 models at the basic level: see runtime.py.)
+    test = np.load(SAMPLE_TEST)
+    x = test["x"][:64].astype(np.float32)
+    session = runtime.session(q)
+    floats = np.concatenate([run(SAMPLE_MODEL, {"input": x[i:i + 1]}) for i in range(len(x))])
+    fp8 = np.concatenate([session.run(None, {"input": x[i:i + 1]})[0] for i in range(len(x))])
+    assert sqnr_db(floats, fp8) > 20 and np.mean(floats.argmax(1) == fp8.argmax(1)) > 0.95
+
+
+def test_fp8_targets_are_checked():
+    from quantizer.targets import TargetError, load_target
+
+    assert load_target("tensorrt-fp8").min_opset == 19 and load_target("tensorrt").min_opset == 13
+    with pytest.raises(TargetError, match="float8e4m3fn activations are symmetric"):
+        load_target({"base": "tensorrt", "name": "x", "activations": {"dtypes": ["float8e4m3fn", "int8"]}})

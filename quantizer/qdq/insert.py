@@ -5,14 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
 from ..naming import UniqueNames
 from .params import (
+    FLOAT8,
+    FLOAT8_MAX,
     ActivationParams,
     quantize_bias,
     quantize_weight,
+    quantize_weight_float8,
     spec_params,
     weight_scales,
     widen_for_bias,
@@ -101,6 +105,14 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, ranges: Mapping[str, tuple[floa
         node, index, axis = slot.node, slot.index, slot.axis
         weight_value = node.inputs[index]
         weight = weight_value.const_value.numpy().astype(np.float32)
+        if target.weights.dtype == FLOAT8:  # symmetric amax / 448; the target's bias is float
+            scales = weight_scales(weight, axis, FLOAT8_MAX)
+            q_weight = writer.constant(f"{weight_value.name}_quantized", quantize_weight_float8(weight, scales, axis))
+            zero = np.zeros(scales.shape, ml_dtypes.float8_e4m3fn)
+            dq = writer.dequantize(weight_value.name, q_weight, scales, zero, axis, weight_value)
+            graph.insert_before(node, dq)
+            node.replace_input_with(index, dq.outputs[0])
+            continue
         scales = weight_scales(weight, axis, weight_qmax)
         if not weight_rule.is_identity:
             scales = weight_rule.apply(scales)

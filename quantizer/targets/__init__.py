@@ -58,7 +58,7 @@ __all__ = [
 
 DEFAULT_TARGET = "ort-cpu"
 ALIASES = {"npu": "tflite"}  # "ort-cpu" is resolved by machine_preset()
-PRESETS = ("ort-cpu-x86", "ort-cpu-vnni", "ort-cpu-arm", "tensorrt", "tflite")
+PRESETS = ("ort-cpu-x86", "ort-cpu-vnni", "ort-cpu-arm", "tensorrt", "tensorrt-fp8", "tflite")
 
 
 def preset_names() -> tuple[str, ...]:

@@ -14,10 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from ..qdq.params import WEIGHT_QMAX
+from ..qdq.params import FLOAT8, WEIGHT_QMAX
 from ..qdq.rules import KINDS, OUTPUTS, OpRule
 
 ACTIVATION_DTYPES = ("uint8", "int8")  # the order is the default preference of a file without dtypes
+ALLOWED_ACTIVATION_DTYPES = (*ACTIVATION_DTYPES, FLOAT8)  # float8 only where a target declares it
+WEIGHT_DTYPES = ("int8", FLOAT8)
+FLOAT8_OPSET = 19  # QuantizeLinear/DequantizeLinear with float8 types
 BIAS_DTYPES = ("int32", "float")
 # Kinds of quantization (QuantizationConfig.mode); a target lists the ones it runs.
 MODES = ("static", "dynamic", "weight-only")
@@ -63,6 +66,7 @@ class WeightSpec:
     ranges: tuple[str, ...] = tuple(WEIGHT_QMAX)
     per_channel: bool = True
     scale: ScaleRule = ScaleRule()
+    dtype: str = "int8"  # or float8e4m3fn (symmetric, scale = amax / 448)
 
     @property
     def qmax(self) -> int:
@@ -118,6 +122,11 @@ class Target:
             weights = replace(weights, range=weight_range)
         return replace(self, activations=activations, weights=weights)
 
+    @property
+    def min_opset(self) -> int:
+        """The opset the quantized model needs (float8 Q/DQ: 19)."""
+        return FLOAT8_OPSET if FLOAT8 in (self.activations.dtype, self.weights.dtype) else 13
+
     def as_dict(self) -> dict:
         """The resolved target, as recorded in the report and the model's metadata."""
         def scale(rule: ScaleRule) -> dict:
@@ -128,7 +137,7 @@ class Target:
             "description": self.description,
             "activations": {"dtype": self.activations.dtype, "dtypes": list(self.activations.dtypes),
                             "symmetric": self.activations.symmetric, "scale": scale(self.activations.scale)},
-            "weights": {"dtype": "int8", "range": self.weights.range, "qmax": self.weights.qmax,
+            "weights": {"dtype": self.weights.dtype, "range": self.weights.range, "qmax": self.weights.qmax,
                         "ranges": list(self.weights.ranges), "per_channel": self.weights.per_channel,
                         "scale": scale(self.weights.scale)},
             "bias": self.bias,
@@ -146,7 +155,7 @@ _SCHEMA = {
     "name": str, "description": str, "base": str, "modes": list,
     "activations": {"dtype": str, "dtypes": list, "symmetric": bool,
                     "scale": {"power_of_two": bool, "minimum": (int, float)}},
-    "weights": {"range": str, "ranges": list, "per_channel": bool,
+    "weights": {"dtype": str, "range": str, "ranges": list, "per_channel": bool,
                 "scale": {"power_of_two": bool, "minimum": (int, float)}},
     "bias": {"dtype": str},
     "placement": {"qdq": str, "fused_activations": list, "fold_scalar_mul": bool, "rewrites": list,
@@ -237,11 +246,14 @@ def from_mapping(data: Mapping, *, known_rewrites=(), source: str = "preset") ->
     if not data.get("name"):
         raise TargetError("`name` is missing")
     act, wts = data.get("activations", {}), data.get("weights", {})
-    dtypes = _choices(act.get("dtypes", ACTIVATION_DTYPES), ACTIVATION_DTYPES, "activations.dtypes")
+    dtypes = _choices(act.get("dtypes", ACTIVATION_DTYPES), ALLOWED_ACTIVATION_DTYPES, "activations.dtypes")
     dtype = _choice(act.get("dtype", dtypes[0]), dtypes, "activations.dtype")
     symmetric = bool(act.get("symmetric", False))
     if symmetric and "uint8" in dtypes:
         raise TargetError("`activations.symmetric` needs int8 activations only (`activations.dtypes` = [\"int8\"])")
+    if FLOAT8 in dtypes and (not symmetric or len(dtypes) > 1):
+        raise TargetError(f"{FLOAT8} activations are symmetric and the only choice: set `activations.symmetric` = "
+                          f"true and `activations.dtypes` = [\"{FLOAT8}\"]")
     ranges = _choices(wts.get("ranges", tuple(WEIGHT_QMAX)), tuple(WEIGHT_QMAX), "weights.ranges")
     weight_range = _choice(wts.get("range", ranges[0]), ranges, "weights.range")
     placement = data.get("placement", {})
@@ -262,7 +274,8 @@ def from_mapping(data: Mapping, *, known_rewrites=(), source: str = "preset") ->
         name=str(data["name"]), description=str(data.get("description", "")),
         activations=ActivationSpec(dtype, dtypes, symmetric, _scale(act.get("scale", {}), "activations.scale")),
         weights=WeightSpec(weight_range, ranges, bool(wts.get("per_channel", True)),
-                           _scale(wts.get("scale", {}), "weights.scale")),
+                           _scale(wts.get("scale", {}), "weights.scale"),
+                           _choice(wts.get("dtype", "int8"), WEIGHT_DTYPES, "weights.dtype")),
         bias=_choice(data.get("bias", {}).get("dtype", "int32"), BIAS_DTYPES, "bias.dtype"),
         ops=ops, placement=_choice(placement.get("qdq", "outputs"), PLACEMENTS, "placement.qdq"),
         fused_activations=frozenset(fused), fold_scalar_mul=bool(placement.get("fold_scalar_mul", False)),
