@@ -77,6 +77,8 @@ def variants() -> dict[str, tuple]:
         "ours dynamic": ("dynamic int8", ours, {"mode": "dynamic"}),
         "peer quantize_dynamic": ("dynamic int8", peer_dynamic, {}),
         "ours weight-only int8 b32": ("weight-only int8", ours, {"mode": "weight-only", "weight_bits": 8}),
+        "ours weight-only int8 b32, MatMul only": ("weight-only int8", ours, {"mode": "weight-only", "weight_bits": 8,
+                                                                             "embeddings": False}),
         "peer MatMulNBits int8 b128": ("weight-only int8", peer_nbits, {"bits": 8}),
         "ours weight-only int4 b32": ("weight-only int4", ours, {"mode": "weight-only", "weight_bits": 4}),
         "ours weight-only int4 b128": ("weight-only int4", ours, {"mode": "weight-only", "weight_bits": 4,
