@@ -71,7 +71,7 @@ percentile = click.option("--percentile", "percentage", default=DEFAULT_PERCENTI
 target = click.option("--target", default="ort-cpu", show_default=True, metavar="NAME|FILE",
                       shell_complete=complete_target,
                       help="Backend to quantize for: ort-cpu (resolved for this machine), ort-cpu-x86, "
-                           "ort-cpu-vnni, ort-cpu-arm, tensorrt, tflite (npu), or a .toml/.json target file "
+                           "ort-cpu-vnni, ort-cpu-arm, tensorrt, tensorrt-fp8, tflite (npu), or a .toml/.json target file "
                            "(see `quantize targets`).")
 activation_dtype = click.option("--activation-dtype", type=click.Choice(["int8", "uint8"]), default=None,
                                 help="Activation type [default: the target's; checked against what it allows].")
