@@ -151,7 +151,7 @@ weight_algorithm = click.option("--weight-algorithm", type=click.Choice(["rtn", 
                                 help="Weight-only rounding: rtn (round to nearest) or gptq (error feedback over the "
                                      "--data activations) [default: rtn].")
 no_embeddings = click.option("--no-embeddings", is_flag=True,
-                              help="Weight-only: keep the Gather tables (embeddings) float.")
+                              help="Dynamic and weight-only: keep the Gather tables (embeddings) float.")
 MODE = option_group(mode, weight_bits, block_size, weight_symmetric, weight_unsigned, weight_algorithm, no_embeddings)
 
 

@@ -113,9 +113,10 @@ class QuantizationConfig:
     weight_signed: weight-only integer type int4/int8 (True) or uint4/uint8 (False).
     weight_algorithm: weight-only rounding: "rtn" (round to nearest) or "gptq" (error
     feedback over the calibration activations: needs data).
-    embeddings: weight-only: also the constant tables Gather reads rows of (embeddings),
-    as onnxruntime's GatherBlockQuantized, at 8 bits whatever `weight_bits` says (their rows
-    feed a LayerNorm directly: 4-bit tables cost 2.2 dB of output SQNR on MiniLM).
+    embeddings: dynamic and weight-only: also the constant tables Gather reads rows of
+    (embeddings), as onnxruntime's GatherBlockQuantized, at 8 bits whatever `weight_bits`
+    says (their rows feed a LayerNorm directly: 4-bit tables cost 2.2 dB of output SQNR on
+    MiniLM).
     """
 
     method: CalibrationMethod = CalibrationMethod.MIN_MAX_ASYM

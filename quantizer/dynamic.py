@@ -12,6 +12,7 @@ Weights are symmetric per output channel, in the target's weight range ([-63, 63
 x86 without VNNI, whose u8 x s8 kernels saturate pairs of products in int16).  No
 calibration: the activation's range is its min/max on each run.  Conv stays float:
 onnxruntime's ConvInteger has no fast kernel (its QLinearConv is the static mode's).
+Embedding tables (Gather of a constant) become 8-bit GatherBlockQuantized (qdq/tables.py).
 """
 
 from __future__ import annotations
@@ -19,27 +20,38 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from .qdq.matmuls import Rewriter, WeightedNode, plan_weighted
+from .qdq.matmuls import Rewriter, plan_weighted
 from .qdq.params import quantize_weight, weight_scales
+from .qdq.blockwise import WeightGrid
 from .qdq.plan import QuantPlan
+from .qdq.tables import EMBEDDING_BITS, Table, gather_quantized, plan_tables
 
 
 def form(qmax: int) -> str:
     return f"dynamic: uint8 activations quantized at run time, int8 per-channel weights [-{qmax}, {qmax}]"
 
 
-def plan_dynamic(model: ir.Model, skip, target) -> tuple[QuantPlan, list[WeightedNode]]:
+# Embedding tables: 8-bit asymmetric blocks of 32 along each row (GatherBlockQuantized).
+TABLE_GRID, TABLE_BLOCK = WeightGrid(EMBEDDING_BITS, signed=True, symmetric=False), 32
+
+
+def plan_dynamic(model: ir.Model, skip, target, embeddings: bool = True) -> tuple[QuantPlan, list]:
     plan, found = plan_weighted(model, skip, form(target.weights.qmax), "dynamic")
     plan.target = target
+    if embeddings:
+        plan_tables(model, plan, found, TABLE_GRID, TABLE_BLOCK, "dynamic")
     return plan, found
 
 
-def insert_dynamic(model: ir.Model, found: list[WeightedNode], qmax: int) -> None:
+def insert_dynamic(model: ir.Model, found: list, qmax: int) -> None:
     """Rewrite every node of ``found`` (from ``plan_dynamic`` on ``model``) in place."""
     graph = model.graph
     rewrite = Rewriter(graph)
     quantized_inputs: dict[str, ir.Node] = {}  # one DynamicQuantizeLinear per activation
     for item in found:
+        if isinstance(item, Table):
+            gather_quantized(rewrite, item)
+            continue
         node, x = item.node, item.node.inputs[0]
         dql = quantized_inputs.get(x.name)
         if dql is None:

@@ -125,7 +125,7 @@ def fusion_report(model: onnx.ModelProto, plan: QuantPlan) -> FusionReport | Non
 # -- the weights-first modes: fused kernels instead of Q/DQ islands ----------------------
 
 # What onnxruntime's CPU provider turns the dynamic and weight-only forms into.
-DYNAMIC_KERNELS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat")
+DYNAMIC_KERNELS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "GatherBlockQuantized")
 WEIGHT_ONLY_KERNELS = ("MatMulNBits", "GatherBlockQuantized")
 _UNFUSED = ("MatMulInteger", "DequantizeLinear")  # what is left of a form onnxruntime did not fuse
 

@@ -437,7 +437,7 @@ def _check_weighted_plan(planner: Callable) -> Step:
 
 
 def _dynamic_plan(ctx: Context, model: ir.Model):
-    return plan_dynamic(model, ctx.excluded, ctx.config.resolved_target)
+    return plan_dynamic(model, ctx.excluded, ctx.config.resolved_target, ctx.config.embeddings)
 
 
 def _quantize_dynamic(ctx: Context) -> str:

@@ -15,9 +15,8 @@ layer's input, reduced here to X^T X (``collect_hessians``; memory K x K per inp
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
-import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -26,22 +25,12 @@ from . import runtime
 from .checks import ort_message
 from .dataset import input_specs, iter_samples
 from .errors import CalibrationDataError
-from .qdq.blockwise import BlockQuantized, WeightGrid, gptq, quantize_blocks
+from .qdq.blockwise import IR_TYPES, BlockQuantized, WeightGrid, gptq, quantize_blocks
 from .qdq.matmuls import Rewriter, WeightedNode, plan_weighted
-from .qdq.plan import QuantPlan, _is_constant, _is_float
+from .qdq.plan import QuantPlan
+from .qdq.tables import EMBEDDING_BITS, Table, gather_quantized, plan_tables
 
 OPSET = 21  # DequantizeLinear with block_size (and int4/uint4)
-EMBEDDING_BITS = 8  # tables feed a LayerNorm directly: 4 bits cost 2.2 dB of output SQNR on MiniLM
-MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib ops: GatherBlockQuantized for embedding tables
-_IR_TYPES = {"int4": ml_dtypes.int4, "uint4": ml_dtypes.uint4, "int8": np.int8, "uint8": np.uint8}
-
-
-@dataclass
-class Table:
-    """A Gather's constant [V, D] table (an embedding), quantized in blocks along D."""
-
-    node: ir.Node
-    table: np.ndarray
 
 
 def grid_of(config) -> WeightGrid:
@@ -54,41 +43,12 @@ def form(config) -> str:
             f"({config.weight_algorithm}), float activations")
 
 
-def table_form(config) -> str:
-    return (f"weight-only: {replace(grid_of(config), bits=EMBEDDING_BITS).dtype} embedding table, blocks of {config.block_size} along each row "
-            "(GatherBlockQuantized)")
-
-
-def _table(node: ir.Node, block_size: int) -> np.ndarray | str:
-    """The constant [V, D] table a Gather reads rows of, or why it stays float."""
-    data = node.inputs[0]
-    if not _is_constant(data) or not _is_float(data) or not _is_float(node.outputs[0]):
-        return "the Gather's data is not a constant float table"
-    table = data.const_value.numpy()
-    axis = node.attributes["axis"].value if "axis" in node.attributes else 0
-    if table.ndim != 2 or axis not in (0, -2):
-        return "only 2-D tables gathered along axis 0 are quantized"
-    if table.shape[1] % block_size:
-        return f"the table's row length {table.shape[1]} is not a multiple of `block_size` {block_size}"
-    return table.astype(np.float32)
-
-
 def plan_weight_only(model: ir.Model, skip, config) -> tuple[QuantPlan, list]:
     """MatMul/Gemm weights, and with ``config.embeddings`` the Gather tables (embeddings)."""
     plan, found = plan_weighted(model, skip, form(config), "weight-only")
     plan.target = config.resolved_target
     if config.embeddings:
-        for node in model.graph:
-            if node.op_type != "Gather" or plan.float_reasons.get(node.name) == "excluded" or node.domain not in ("", "ai.onnx"):
-                continue
-            table = _table(node, config.block_size)
-            if isinstance(table, str):
-                plan.float_reasons[node.name] = table
-                continue
-            plan.float_reasons.pop(node.name, None)
-            plan.quantized_nodes.append(node)
-            plan.forms[node.name] = table_form(config)
-            found.append(Table(node, table))
+        plan_tables(model, plan, found, replace(grid_of(config), bits=EMBEDDING_BITS), config.block_size, "weight-only")
     return plan, found
 
 
@@ -126,12 +86,12 @@ def insert_weight_only(model: ir.Model, found: list[WeightedNode], config,
     rewrite = Rewriter(model.graph)
     for item in found:
         if isinstance(item, Table):
-            _gather_quantized(rewrite, item, config)
+            gather_quantized(rewrite, item)
             continue
         node = item.node
         quantized = quantize_weight(item, config, hessians)
         base = node.name or "matmul"
-        dtype = _IR_TYPES[quantized.grid.dtype]
+        dtype = IR_TYPES[quantized.grid.dtype]
         q = rewrite.constant(f"{base}_weight_quantized", ir.tensor(quantized.q.astype(dtype)))
         scale = rewrite.constant(f"{base}_weight_scale", quantized.scale)
         inputs = [q, scale]
@@ -148,26 +108,3 @@ def insert_weight_only(model: ir.Model, found: list[WeightedNode], config,
         if item.bias is not None:
             nodes.append(rewrite.node("Add", [matmul.outputs[0], rewrite.constant(f"{base}_bias", item.bias)], base))
         rewrite.replace(node, nodes, nodes[-1].outputs[0])
-
-
-def _gather_quantized(rewrite: Rewriter, item: Table, config) -> None:
-    """Gather(table, ids) -> GatherBlockQuantized(table_q, ids, scales, zero points):
-    blocks along each row (quantize_axis 1), 8 bits as uint8 (onnxruntime's kernel takes
-    no int8): a signed grid is shifted by 128, exactly.  (4-bit tables would be int4/uint4.)"""
-    grid = replace(grid_of(config), bits=EMBEDDING_BITS)
-    quantized = quantize_blocks(item.table.T, config.block_size, grid)  # blocks along D
-    q, zero = quantized.q.T.astype(np.int32), quantized.zero_point.T.astype(np.int32)
-    if grid.bits == 8 and grid.signed:
-        q, zero = q + 128, zero + 128
-    dtype = _IR_TYPES[grid.dtype] if grid.bits == 4 else np.uint8
-    node = item.node
-    base = node.name or "gather"
-    inputs = [rewrite.constant(f"{base}_table_quantized", ir.tensor(q.astype(dtype))), node.inputs[1],
-              rewrite.constant(f"{base}_table_scale", np.ascontiguousarray(quantized.scale.T))]
-    if not (grid.bits == 4 and grid.signed and grid.symmetric):
-        inputs.append(rewrite.constant(f"{base}_table_zero_point", ir.tensor(zero.astype(dtype))))
-    gather = rewrite.node("GatherBlockQuantized", inputs, base, domain=MS_DOMAIN, gather_axis=0,
-                          quantize_axis=1, block_size=config.block_size, bits=grid.bits)
-    rewrite.replace(node, [gather], gather.outputs[0])
-    if MS_DOMAIN not in rewrite.graph.opset_imports:
-        rewrite.graph.opset_imports[MS_DOMAIN] = 1

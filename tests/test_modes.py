@@ -99,7 +99,7 @@ def test_dynamic_matmul_matches_a_numpy_reference_and_fuses():
     q = checked(result.model)
     ops = [n.op_type for n in q.graph.node]
     assert ops.count("DynamicQuantizeLinear") == 3  # x (shared by mm1 and mm3), r (mm2), x2 (gemm)
-    assert ops.count("MatMulInteger") == 4 and "Gather" in ops  # Gather stays float in dynamic mode
+    assert ops.count("MatMulInteger") == 4 and "GatherBlockQuantized" in ops  # the table: 8-bit blocks of 32
     qmax = QuantizationConfig(mode="dynamic").resolved_target.weights.qmax
     mm1 = next(n for n in q.graph.node if n.op_type == "MatMulInteger" and n.input[1].startswith("mm1"))
     w_q, w_zero = initializer(q, mm1.input[1]), initializer(q, mm1.input[3])
@@ -118,15 +118,15 @@ def test_dynamic_matmul_matches_a_numpy_reference_and_fuses():
     np.testing.assert_allclose(got["m"], reference, rtol=1e-5, atol=1e-5)
     floats = outputs(model, feed)
     assert all(sqnr_db(floats[name], got[name]) > 25 for name in ("y", "y3", "z"))
-    np.testing.assert_array_equal(got["e"], floats["e"])
+    assert sqnr_db(floats["e"], got["e"]) > 40
 
     # onnxruntime's optimized graph: every MatMulInteger fused (one consumer -> DynamicQuantizeMatMul,
     # a shared quantized activation -> DynamicQuantizeLinear + MatMulIntegerToFloat).
     fused = optimized_ops(q)
     assert "MatMulInteger" not in fused
     assert fused.count("DynamicQuantizeMatMul") == 2 and fused.count("MatMulIntegerToFloat") == 2
-    assert result.summary["fusion"]["integer_nodes"] == 4
-    assert set(result.summary["nodes"]["forms"]) == {"mm1", "mm2", "mm3", "gemm"}
+    assert result.summary["fusion"]["integer_nodes"] == 5  # and the GatherBlockQuantized
+    assert set(result.summary["nodes"]["forms"]) == {"mm1", "mm2", "mm3", "gemm", "embed"}
     assert result.summary["mode"] == "dynamic" and result.summary["calibration"]["method"] == "none"
 
 

@@ -15,10 +15,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 _TINY = np.float32(1e-12)
 GPTQ_DAMPING = 0.01  # of the mean Hessian diagonal, added to it (the GPTQ paper's value)
+
+
+# numpy types of the quantized tensors as onnx-ir writes them (int4/uint4 packed by onnx).
+IR_TYPES = {"int4": ml_dtypes.int4, "uint4": ml_dtypes.uint4, "int8": np.int8, "uint8": np.uint8}
 
 
 @dataclass(frozen=True)
