@@ -31,6 +31,7 @@ FLAGS = {
     "mode": "--mode", "weight_bits": "--weight-bits", "block_size": "--block-size",
     "weight_symmetric": "--weight-symmetric", "weight_signed": "--weight-unsigned",
     "weight_algorithm": "--weight-algorithm", "dataset": "--data", "embeddings": "--no-embeddings",
+    "wide_tensors": "--wide-tensor",
 }
 
 

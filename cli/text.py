@@ -104,7 +104,7 @@ def report_lines(summary, rows: int = 10) -> list[str]:
         lines.append(f"per-tensor SQNR, int8 vs float on {samples} samples (worst first{more}):")
     else:
         lines.append(f"per-tensor parameters (no samples for SQNR{more}):")
-    lines.append(f"  {'SQNR dB':>8}  {'scale':>10}  {'zp':>4}  {'range':<23} tensor (node)")
+    lines.append(f"  {'SQNR dB':>8}  {'bits':>4}  {'scale':>10}  {'zp':>5}  {'range':<23} tensor (node)")
     for entry in shown:
         db = entry["sqnr_db"]
         if db is not None:
@@ -113,7 +113,7 @@ def report_lines(summary, rows: int = 10) -> list[str]:
             db_text = {None: "-", 0.0: "exact"}.get(entry["mse"], "-inf").rjust(8)
         low, high = entry["range"] or entry["grid"]
         where = f" ({entry['node']})" if entry["node"] else " (input)"
-        lines.append(f"  {db_text}  {entry['scale']:10.4g}  {entry['zero_point']:4d}  "
+        lines.append(f"  {db_text}  {entry.get('bits', 8):4d}  {entry['scale']:10.4g}  {entry['zero_point']:5d}  "
                      f"{f'[{low:.4g}, {high:.4g}]':<23} {entry['tensor']}{where}")
     return lines
 
@@ -121,6 +121,7 @@ def report_lines(summary, rows: int = 10) -> list[str]:
 def format_trial(trial, max_trials: int) -> str:
     loss = f", loss {trial.loss:.2%}" if trial.loss is not None else ""
     kept = f", float: {', '.join(trial.excluded)}" if trial.excluded else ""
+    kept += f", 16-bit: {', '.join(trial.wide)}" if getattr(trial, "wide", None) else ""
     return (f"trial {trial.number}/{max_trials}: {trial.method.lower()}{kept}: metric "
             f"{trial.metric:.6g}{loss} -> {'pass' if trial.passed else 'fail'}")
 

@@ -113,6 +113,8 @@ class QuantizationConfig:
     weight_signed: weight-only integer type int4/int8 (True) or uint4/uint8 (False).
     weight_algorithm: weight-only rounding: "rtn" (round to nearest) or "gptq" (error
     feedback over the calibration activations: needs data).
+    wide_tensors: static mode: activation tensors quantized at the target's 16-bit type
+    (`activations.wide_dtype`: int16 for tflite) instead of 8 bits.
     embeddings: dynamic and weight-only: also the constant tables Gather reads rows of
     (embeddings), as onnxruntime's GatherBlockQuantized, at 8 bits whatever `weight_bits`
     says (their rows feed a LayerNorm directly: 4-bit tables cost 2.2 dB of output SQNR on
@@ -138,6 +140,7 @@ class QuantizationConfig:
     weight_signed: bool = True
     weight_algorithm: str = "rtn"
     embeddings: bool = True
+    wide_tensors: tuple[str, ...] = ()
     # The target with the overrides applied: what the steps read (set in __post_init__).
     resolved_target: Target = field(init=False, repr=False, compare=False, default=None)
 
@@ -167,6 +170,13 @@ class QuantizationConfig:
             raise UsageError(f"`target`: {exc}") from exc
         set_(self, "exclude", Scope.of(self.exclude))
         self._check_mode()
+        wide = (self.wide_tensors,) if isinstance(self.wide_tensors, str) else tuple(self.wide_tensors or ())
+        set_(self, "wide_tensors", tuple(dict.fromkeys(wide)))
+        if wide and self.resolved_target.activations.wide is None:
+            raise UsageError(f"target {self.resolved_target.name} declares no 16-bit activations "
+                             "(`wide_tensors` needs `activations.wide_dtype` in the target)")
+        if wide and self.mode != "static":
+            raise UsageError("`wide_tensors` is for `mode` static")
         if not isinstance(self.report_samples, int) or self.report_samples < 0:
             raise UsageError(f"`report_samples` must be an integer >= 0, got {self.report_samples!r}")
         set_(self, "range_overrides", {n: _range_pair(n, r, "`range_overrides`")

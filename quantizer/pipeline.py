@@ -146,6 +146,7 @@ STAGE1 = (
 )
 # What the stage-1 check re-runs when it falls back to stage 1 without the optimizer
 # (the steps of the running pipeline by these names: each mode plans its own way).
+WIDE_OPSET = 21  # QuantizeLinear/DequantizeLinear with int16/uint16
 _STAGE1_RERUN = ("optimize", "resolve_scope", "check_stage1", "prepare_calibration")
 
 
@@ -267,9 +268,12 @@ def _protect(ctx: Context) -> str | None:
 
 def _insert_qdq(ctx: Context) -> str:
     keep = ctx.excluded | set(ctx.keep_float) | {p["node"] for p in ctx.protected}
-    target = ctx.config.resolved_target
-    model = ir.from_proto(at_opset(ctx.stage1, target.min_opset, f"target {target.name}"))
-    ctx.outcome = insert(model, ctx.ranges, exclude=keep, target=target)
+    target, wide = ctx.config.resolved_target, ctx.config.wide_tensors
+    opset = max(target.min_opset, WIDE_OPSET if wide else 0)
+    model = ir.from_proto(at_opset(ctx.stage1, opset, f"target {target.name}" + (" with 16-bit tensors" if wide else "")))
+    ctx.outcome = insert(model, ctx.ranges, exclude=keep, target=target, wide=wide)
+    for name in sorted(set(wide) - ctx.outcome.plan.wide):
+        _warn(ctx, f"`wide_tensors`: '{name}' is not a quantized tensor of this run")
     record_target(ctx.outcome.model, ctx.config.resolved_target)
     reasons = ctx.outcome.plan.float_reasons
     reasons.update({p["node"]: PROTECTED_REASON for p in ctx.protected})
@@ -565,6 +569,7 @@ def quantize_model(
     weight_signed: bool | None = None,
     weight_algorithm: str | None = None,
     embeddings: bool | None = None,
+    wide_tensors: Iterable[str] | None = None,
 ) -> QuantizationResult:
     """optimize -> calibrate -> quantize, as the pipeline's steps.
 
@@ -582,6 +587,7 @@ def quantize_model(
     ``mode``: "static" (default), "dynamic" (no calibration; ``dataset`` only checks the
     result) or "weight-only" (``weight_bits``, ``block_size``, ``weight_symmetric``,
     ``weight_signed``, ``weight_algorithm``, ``embeddings``: see QuantizationConfig).
+    ``wide_tensors``: tensors quantized at the target's 16-bit activation type.
     """
     config = QuantizationConfig.build(
         config, method=method, percentile=percentage, input_shapes=input_shapes, target=target,
@@ -589,7 +595,7 @@ def quantize_model(
         show_progress=show_progress, range_overrides=range_overrides, protect=protect,
         report_samples=report_samples, strict=strict, mode=mode, weight_bits=weight_bits, block_size=block_size,
         weight_symmetric=weight_symmetric, weight_signed=weight_signed, weight_algorithm=weight_algorithm,
-        embeddings=embeddings)
+        embeddings=embeddings, wide_tensors=wide_tensors)
     inputs = CalibrationInputs(dataset, load_calibration, ranges)
     ctx = run(new_context(model, config, inputs, Outputs(save_calibration=save_calibration)))
     return QuantizationResult(ctx.outcome.model, ctx.ranges, ctx.summary)

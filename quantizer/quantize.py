@@ -85,12 +85,15 @@ def resolve_target(target, activation_dtype: str | None = None, weight_range: st
 
 
 def insert(ir_model: ir.Model, ranges: Mapping, activation_dtype: str | None = None,
-           exclude: Iterable[str] = (), weight_range: str | None = None, target=None) -> QuantizeOutcome:
+           exclude: Iterable[str] = (), weight_range: str | None = None, target=None,
+           wide: Iterable[str] = ()) -> QuantizeOutcome:
     """Plan and insert Q/DQ into ``ir_model`` (a stage-1 model, changed in place) for
-    ``target`` (a name, file or Target; see ``resolve_target`` for None)."""
+    ``target`` (a name, file or Target; see ``resolve_target`` for None).  ``wide``: tensors
+    quantized at the target's 16-bit activation type (the model must be at opset 21)."""
     target = resolve_target(target, activation_dtype, weight_range)
     ranges = validate_ranges(ranges)
     plan = _plan_with_ranges(ir_model, ranges, set(exclude), target)
+    plan.wide = set(wide) & set(plan.tensors)
     params = insert_qdq(ir_model, plan, ranges)
     return QuantizeOutcome(finish_model(ir_model), plan, params, target.weights.range, target)
 

@@ -149,6 +149,7 @@ def measure(float_model: onnx.ModelProto, int8_model: onnx.ModelProto, samples, 
             "range": [float(v) for v in ranges[name]] if ranges and name in ranges else None,
             "scale": scale,
             "zero_point": zero_point,
+            "dtype": str(p.zero_point.dtype), "bits": p.zero_point.dtype.itemsize * 8,
             "grid": [scale * (low - zero_point), scale * (high - zero_point)],
             "sqnr_db": None, "max_abs_error": None, "mse": None,
         }

@@ -318,3 +318,67 @@ def test_fp8_targets_are_checked():
     assert load_target("tensorrt-fp8").min_opset == 19 and load_target("tensorrt").min_opset == 13
     with pytest.raises(TargetError, match="float8e4m3fn activations are symmetric"):
         load_target({"base": "tensorrt", "name": "x", "activations": {"dtypes": ["float8e4m3fn", "int8"]}})
+
+
+# -- 16-bit tensors ---------------------------------------------------------------------
+
+ORT_UINT16 = {"base": "ort-cpu", "name": "ort-cpu-uint16", "activations": {"wide_dtype": "uint16"}}
+
+
+@pytest.mark.parametrize("target,dtype", [("tflite", TensorProto.INT16), (ORT_UINT16, TensorProto.UINT16)])
+def test_wide_tensors_are_quantized_at_the_targets_16_bits(target, dtype):
+    from conftest import SAMPLE_CALIB, SAMPLE_MODEL
+
+    plain = quantize_model(SAMPLE_MODEL, SAMPLE_CALIB, target=target, show_progress=False, report_samples=4)
+    wide = quantize_model(SAMPLE_MODEL, SAMPLE_CALIB, target=target, show_progress=False, report_samples=4,
+                          wide_tensors=["input"])
+    q = checked(wide.model)
+    assert next(o.version for o in q.opset_import if o.domain == "") == 21
+    quantize_input = next(n for n in q.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input")
+    zero_point = next(i for i in q.graph.initializer if i.name == quantize_input.input[2])
+    assert zero_point.data_type == dtype
+    before = {e["tensor"]: e for e in plain.summary["tensors"]}
+    after = {e["tensor"]: e for e in wide.summary["tensors"]}
+    assert before["input"]["bits"] == 8 and after["input"]["bits"] == 16
+    assert all(e["bits"] == 8 for name, e in after.items() if name != "input")  # the report shows every width
+    assert after["input"]["sqnr_db"] > before["input"]["sqnr_db"] + 30  # 256x finer steps: ~48 dB
+    if target == "tflite":
+        assert after["input"]["zero_point"] == 0  # the 16x8 spec: symmetric int16
+
+
+def test_wide_tensors_need_a_target_that_declares_them():
+    with pytest.raises(UsageError, match="target tensorrt declares no 16-bit activations"):
+        QuantizationConfig(target="tensorrt", wide_tensors=["x"])
+
+
+def test_cli_wide_tensor(tmp_path):
+    from conftest import SAMPLE_CALIB, SAMPLE_MODEL
+
+    report = tmp_path / "r.json"
+    r = CliRunner().invoke(cli, [str(SAMPLE_MODEL), "--data", str(SAMPLE_CALIB), "--target", "tflite", "--wide-tensor",
+                                 "input", "-o", str(tmp_path / "o.onnx"), "--report", str(report)])
+    assert r.exit_code == 0, r.output
+    assert {e["tensor"]: e["bits"] for e in json.loads(report.read_text())["tensors"]}["input"] == 16
+    r = CliRunner().invoke(cli, [str(SAMPLE_MODEL), "--data", str(SAMPLE_CALIB), "--target", "tensorrt",
+                                 "--wide-tensor", "input"])
+    assert r.exit_code == 2 and "(--wide-tensor needs" in r.output
+
+
+def test_autotune_raises_sensitive_tensors_to_16_bits_before_keeping_nodes_float():
+    from conftest import SAMPLE_CALIB, SAMPLE_MODEL
+
+    from quantizer import autotune
+
+    metrics = iter([1.0, 0.5, 0.995])  # float, the plain trial, the 16-bit trial
+
+    def evaluate(model):
+        return next(metrics)
+
+    result = autotune(SAMPLE_MODEL, SAMPLE_CALIB, evaluate, tolerable_loss=0.01, max_trials=3,
+                      methods=("min_max_asym",), target="tflite")
+    first, second = result.trials
+    assert not first.wide and second.wide and not second.excluded and result.passed
+    q = checked(result.model)
+    widened = {n.input[0] for n in q.graph.node if n.op_type == "QuantizeLinear"
+               and next(i for i in q.graph.initializer if i.name == n.input[2]).data_type == TensorProto.INT16}
+    assert set(second.wide) <= widened

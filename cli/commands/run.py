@@ -31,13 +31,17 @@ from ..text import format_summary, warnings
 @click.option("--input-range", "input_ranges", multiple=True, metavar="NAME=MIN,MAX",
               help="Quantize input NAME with this range instead of the calibrated one, e.g. x=0,1 "
                    "for images scaled by 1/255 (raw uint8 pixels then feed --input-type x=uint8).")
+@click.option("--wide-tensor", "wide_tensors", multiple=True, metavar="TENSOR",
+              help="Quantize this activation tensor at the target's 16 bits (int16 for tflite, or a target "
+                   "file's activations.wide_dtype; opset 21) instead of 8 (repeatable; names as the "
+                   "per-tensor report shows them).")
 @click.option("--optimize-only", is_flag=True, help="Write the stage-1 (optimized float) model only.")
 @options.report_samples
 @options.min_sqnr
 def run(model, method, data, output, target, percentage, activation_dtype, weight_range, exclude, no_protect, report,
         quiet, input_shapes, strict, fidelity_samples, debug, save_calibration, load_calibration, save_ranges, ranges_file, input_types,
         output_types, input_ranges, optimize_only, report_samples, min_sqnr, mode, weight_bits, block_size,
-        weight_symmetric, weight_unsigned, weight_algorithm, no_embeddings, **data_forms):
+        weight_symmetric, weight_unsigned, weight_algorithm, no_embeddings, wide_tensors, **data_forms):
     """Optimize, calibrate and quantize MODEL to int8 QDQ ONNX."""
 
     def action():
@@ -58,7 +62,7 @@ def run(model, method, data, output, target, percentage, activation_dtype, weigh
             activation_dtype=activation_dtype,
             weight_range=weight_range, exclude=exclude, protect=not no_protect,
             report_samples=report_samples if report else 0, range_overrides=overrides,
-            show_progress=False if quiet else None, strict=strict,
+            show_progress=False if quiet else None, strict=strict, wide_tensors=wide_tensors,
         )
         if mode == "static" and not (data or load_calibration or ranges_file):
             raise UsageError("--data is required: a folder of .npy/.npz calibration samples "

@@ -67,7 +67,8 @@ def _input_scale(plan: QuantPlan, params: Mapping[str, ActivationParams], name: 
 
 def group_params(plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], dtype) -> dict[str, ActivationParams]:
     """One parameter set per shared group, from the union of its members' ranges.
-    ``dtype``: a dtype name or the target's activation spec (symmetric, scale rule)."""
+    ``dtype``: a dtype name or the target's activation spec (symmetric, scale rule); a
+    group with a member in ``plan.wide`` takes the spec's 16-bit form."""
     group_range: dict[str, tuple[float, float]] = {}
     for name, value in plan.tensors.items():
         if name in plan.fixed_ranges:
@@ -80,7 +81,9 @@ def group_params(plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], dty
         root = plan.group(name)
         old = group_range.get(root, (low, high))
         group_range[root] = (min(old[0], low), max(old[1], high))
-    by_group = {root: spec_params(*r, dtype) for root, r in group_range.items()}
+    wide_roots = {plan.group(name) for name in plan.wide}
+    by_group = {root: spec_params(*r, dtype.widened() if root in wide_roots else dtype)
+                for root, r in group_range.items()}
     return {name: by_group[plan.group(name)] for name in plan.tensors}
 
 

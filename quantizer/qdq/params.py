@@ -17,7 +17,9 @@ _TINY = np.float32(1e-12)
 # point 0, scale = amax / 448 (its largest finite value).
 FLOAT8 = "float8e4m3fn"
 FLOAT8_MAX = 448.0
-ACTIVATION_DTYPES = {"int8": np.int8, "uint8": np.uint8, FLOAT8: ml_dtypes.float8_e4m3fn}
+ACTIVATION_DTYPES = {"int8": np.int8, "uint8": np.uint8, FLOAT8: ml_dtypes.float8_e4m3fn,
+                     "int16": np.int16, "uint16": np.uint16}  # 16 bits: the wide tensors of a target that has them
+WIDE_DTYPES = ("int16", "uint16")
 
 
 def is_float8(dtype) -> bool:
@@ -64,8 +66,8 @@ def activation_params(low: float, high: float, dtype: str = "int8", *, symmetric
         return ActivationParams(scale=scale, zero_point=np_dtype(0))
     info = np.iinfo(np_dtype)
     if symmetric:
-        if np_dtype is not np.int8:
-            raise ValueError("symmetric activations are int8 (zero point 0)")
+        if np_dtype not in (np.int8, np.int16):
+            raise ValueError("symmetric activations are int8 or int16 (zero point 0)")
         scale = np.float32(max(-low, high) / info.max)
     else:
         scale = np.float32((high - low) / (info.max - info.min))

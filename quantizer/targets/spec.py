@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..qdq.params import FLOAT8, WEIGHT_QMAX
+from ..qdq.params import FLOAT8, WEIGHT_QMAX, WIDE_DTYPES
 from ..qdq.rules import KINDS, OUTPUTS, OpRule
 
 ACTIVATION_DTYPES = ("uint8", "int8")  # the order is the default preference of a file without dtypes
@@ -58,6 +58,12 @@ class ActivationSpec:
     dtypes: tuple[str, ...] = ACTIVATION_DTYPES  # what an override may choose
     symmetric: bool = False  # zero point 0, scale = max|x| / 127
     scale: ScaleRule = ScaleRule()
+    wide: str | None = None  # int16/uint16: what a tensor raised to 16 bits uses (None: no 16-bit tensors)
+    wide_symmetric: bool = False
+
+    def widened(self) -> ActivationSpec:
+        """The spec of a 16-bit tensor."""
+        return replace(self, dtype=self.wide, symmetric=self.wide_symmetric)
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,8 @@ class Target:
             "name": self.name, "requested": self.requested or self.name, "source": self.source,
             "description": self.description,
             "activations": {"dtype": self.activations.dtype, "dtypes": list(self.activations.dtypes),
-                            "symmetric": self.activations.symmetric, "scale": scale(self.activations.scale)},
+                            "symmetric": self.activations.symmetric, "scale": scale(self.activations.scale),
+                            "wide_dtype": self.activations.wide, "wide_symmetric": self.activations.wide_symmetric},
             "weights": {"dtype": self.weights.dtype, "range": self.weights.range, "qmax": self.weights.qmax,
                         "ranges": list(self.weights.ranges), "per_channel": self.weights.per_channel,
                         "scale": scale(self.weights.scale)},
@@ -153,7 +160,7 @@ class Target:
 
 _SCHEMA = {
     "name": str, "description": str, "base": str, "modes": list,
-    "activations": {"dtype": str, "dtypes": list, "symmetric": bool,
+    "activations": {"dtype": str, "dtypes": list, "symmetric": bool, "wide_dtype": str, "wide_symmetric": bool,
                     "scale": {"power_of_two": bool, "minimum": (int, float)}},
     "weights": {"dtype": str, "range": str, "ranges": list, "per_channel": bool,
                 "scale": {"power_of_two": bool, "minimum": (int, float)}},
@@ -254,6 +261,10 @@ def from_mapping(data: Mapping, *, known_rewrites=(), source: str = "preset") ->
     if FLOAT8 in dtypes and (not symmetric or len(dtypes) > 1):
         raise TargetError(f"{FLOAT8} activations are symmetric and the only choice: set `activations.symmetric` = "
                           f"true and `activations.dtypes` = [\"{FLOAT8}\"]")
+    wide = _choice(act["wide_dtype"], WIDE_DTYPES, "activations.wide_dtype") if "wide_dtype" in act else None
+    wide_symmetric = bool(act.get("wide_symmetric", False))
+    if wide_symmetric and wide == "uint16":
+        raise TargetError("`activations.wide_symmetric` needs `activations.wide_dtype` = \"int16\"")
     ranges = _choices(wts.get("ranges", tuple(WEIGHT_QMAX)), tuple(WEIGHT_QMAX), "weights.ranges")
     weight_range = _choice(wts.get("range", ranges[0]), ranges, "weights.range")
     placement = data.get("placement", {})
@@ -272,7 +283,8 @@ def from_mapping(data: Mapping, *, known_rewrites=(), source: str = "preset") ->
         raise TargetError(f"`placement.fused_activations` must list op types, got {fused!r}")
     return Target(
         name=str(data["name"]), description=str(data.get("description", "")),
-        activations=ActivationSpec(dtype, dtypes, symmetric, _scale(act.get("scale", {}), "activations.scale")),
+        activations=ActivationSpec(dtype, dtypes, symmetric, _scale(act.get("scale", {}), "activations.scale"),
+                                   wide, wide_symmetric),
         weights=WeightSpec(weight_range, ranges, bool(wts.get("per_channel", True)),
                            _scale(wts.get("scale", {}), "weights.scale"),
                            _choice(wts.get("dtype", "int8"), WEIGHT_DTYPES, "weights.dtype")),
