@@ -29,6 +29,10 @@ FLAGS = {
     "images": "--preprocess/--image-*", "images.size": "--image-size", "images.layout": "--image-layout",
     "images.channel_order": "--channel-order", "images.scale": "--image-scale", "images.mean": "--mean",
     "images.std": "--std",
+    "mode": "--mode", "weight_bits": "--weight-bits", "block_size": "--block-size",
+    "weight_symmetric": "--weight-symmetric", "weight_signed": "--weight-unsigned",
+    "weight_algorithm": "--weight-algorithm", "dataset": "--data", "embeddings": "--no-embeddings",
+    "wide_tensors": "--wide-tensor",
 }
 
 
@@ -70,7 +74,7 @@ percentile = click.option("--percentile", "percentage", default=DEFAULT_PERCENTI
 target = click.option("--target", default="ort-cpu", show_default=True, metavar="NAME|FILE",
                       shell_complete=complete_target,
                       help="Backend to quantize for: ort-cpu (resolved for this machine), ort-cpu-x86, "
-                           "ort-cpu-vnni, ort-cpu-arm, tensorrt, tflite (npu), or a .toml/.json target file "
+                           "ort-cpu-vnni, ort-cpu-arm, tensorrt, tensorrt-fp8, tflite (npu), or a .toml/.json target file "
                            "(see `quantize targets`).")
 activation_dtype = click.option("--activation-dtype", type=click.Choice(["int8", "uint8"]), default=None,
                                 help="Activation type [default: the target's; checked against what it allows].")
@@ -158,6 +162,43 @@ def cluster(workers: int | None, scheduler: str | None):
     from quantizer.distributed import cluster_client
 
     return cluster_client(workers, scheduler)
+
+
+# The kind of quantization (QuantizationConfig.mode) and the weight-only choices.
+mode = click.option("--mode", type=click.Choice(["static", "dynamic", "weight-only"]), default="static",
+                    show_default=True,
+                    help="static: int8 Q/DQ with calibrated activation ranges; dynamic: int8 MatMul/Gemm weights, "
+                         "activations quantized at run time (no --data needed; given, it only checks the result); "
+                         "weight-only: int8/int4 block-quantized MatMul/Gemm weights, float activations.")
+weight_bits = click.option("--weight-bits", type=click.Choice(["8", "4"]), default=None,
+                           help="Weight-only: bits per weight [default: 4].")
+block_size = click.option("--block-size", type=click.Choice(["16", "32", "64", "128", "256"]), default=None,
+                          help="Weight-only: weights per scale along the reduction axis [default: 32].")
+weight_symmetric = click.option("--weight-symmetric", is_flag=True,
+                                help="Weight-only: symmetric blocks (zero point at the grid's middle) instead of a "
+                                     "zero point per block (min..max).")
+weight_unsigned = click.option("--weight-unsigned", is_flag=True,
+                               help="Weight-only: uint4/uint8 weights instead of int4/int8.")
+weight_algorithm = click.option("--weight-algorithm", type=click.Choice(["rtn", "gptq"]), default=None,
+                                help="Weight-only rounding: rtn (round to nearest) or gptq (error feedback over the "
+                                     "--data activations) [default: rtn].")
+no_embeddings = click.option("--no-embeddings", is_flag=True,
+                              help="Dynamic and weight-only: keep the Gather tables (embeddings) float.")
+MODE = option_group(mode, weight_bits, block_size, weight_symmetric, weight_unsigned, weight_algorithm, no_embeddings)
+
+
+def mode_config(mode, weight_bits=None, block_size=None, weight_symmetric=False, weight_unsigned=False,
+                weight_algorithm=None, no_embeddings=False) -> dict:
+    """The QuantizationConfig fields of the MODE options (unset ones left to the config)."""
+    fields = {"mode": mode, "weight_bits": int(weight_bits) if weight_bits else None,
+              "block_size": int(block_size) if block_size else None, "weight_algorithm": weight_algorithm}
+    if weight_symmetric:
+        fields["weight_symmetric"] = True
+    if weight_unsigned:
+        fields["weight_signed"] = False
+    if no_embeddings:
+        fields["embeddings"] = False
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 # What `run` and `tune` both take.

@@ -60,7 +60,7 @@ def format_summary(summary, output: Path | None, rows: int = 10) -> str:
     size = summary["size_bytes"]
     lines.append(f"size: {size['before'] / 1e6:.2f} MB -> {size['after'] / 1e6:.2f} MB")
     calib = summary.get("calibration")
-    if calib:
+    if calib and calib["method"] != "none":
         lines.append(f"calibration: {calib['method'].lower()} over {calib['samples']} samples, "
                      f"{calib['tensors']} tensors")
         for name, (low, high) in calib.get("overridden", {}).items():
@@ -69,8 +69,17 @@ def format_summary(summary, output: Path | None, rows: int = 10) -> str:
             lines.append(f"  warning: {count} NaN/Inf values in '{name}' were ignored")
     target = summary.get("target")
     where = f"target {target['name']}" + (f" (for {target['requested']})" if target["requested"] != target["name"] else "") + "; " if target else ""
-    lines.append(f"{where}weights: int8 {summary['weight_range']} range; activations: {summary['activation_dtype']}"
-                 + (" symmetric (zero point 0)" if target and target["activations"]["symmetric"] else ""))
+    if summary.get("mode", "static") == "static":
+        weights = target["weights"]["dtype"] if target and target["weights"]["dtype"] != "int8" else \
+            f"int8 {summary['weight_range']} range"
+        lines.append(f"{where}weights: {weights}; activations: {summary['activation_dtype']}"
+                     + (" symmetric (zero point 0)" if target and target["activations"]["symmetric"] else ""))
+    else:
+        forms: dict[str, int] = {}
+        for form in nodes.get("forms", {}).values():
+            forms[form] = forms.get(form, 0) + 1
+        lines.append(f"{where}mode {summary['mode']}")
+        lines.extend(f"  {n} x {form}" for form, n in forms.items())
     lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in summary["seconds"].items()))
     lines.extend(f"note: {for_cli(note)}" for note in summary.get("notes", []))
     lines.extend(format_io(summary.get("io", [])))
@@ -95,7 +104,7 @@ def report_lines(summary, rows: int = 10) -> list[str]:
         lines.append(f"per-tensor SQNR, int8 vs float on {samples} samples (worst first{more}):")
     else:
         lines.append(f"per-tensor parameters (no samples for SQNR{more}):")
-    lines.append(f"  {'SQNR dB':>8}  {'scale':>10}  {'zp':>4}  {'range':<23} tensor (node)")
+    lines.append(f"  {'SQNR dB':>8}  {'bits':>4}  {'scale':>10}  {'zp':>5}  {'range':<23} tensor (node)")
     for entry in shown:
         db = entry["sqnr_db"]
         if db is not None:
@@ -104,7 +113,7 @@ def report_lines(summary, rows: int = 10) -> list[str]:
             db_text = {None: "-", 0.0: "exact"}.get(entry["mse"], "-inf").rjust(8)
         low, high = entry["range"] or entry["grid"]
         where = f" ({entry['node']})" if entry["node"] else " (input)"
-        lines.append(f"  {db_text}  {entry['scale']:10.4g}  {entry['zero_point']:4d}  "
+        lines.append(f"  {db_text}  {entry.get('bits', 8):4d}  {entry['scale']:10.4g}  {entry['zero_point']:5d}  "
                      f"{f'[{low:.4g}, {high:.4g}]':<23} {entry['tensor']}{where}")
     return lines
 
@@ -112,6 +121,7 @@ def report_lines(summary, rows: int = 10) -> list[str]:
 def format_trial(trial, max_trials: int) -> str:
     loss = f", loss {trial.loss:.2%}" if trial.loss is not None else ""
     kept = f", float: {', '.join(trial.excluded)}" if trial.excluded else ""
+    kept += f", 16-bit: {', '.join(trial.wide)}" if getattr(trial, "wide", None) else ""
     return (f"trial {trial.number}/{max_trials}: {trial.method.lower()}{kept}: metric "
             f"{trial.metric:.6g}{loss} -> {'pass' if trial.passed else 'fail'}")
 
@@ -130,7 +140,8 @@ def format_target(target, full: bool = False) -> str:
     lines = [
         f"{target.name}: {target.description}" if target.description else target.name,
         f"  activations: {a.dtype} {sym}{allowed}",
-        f"  weights: int8 {w.range} [-{w.qmax}, {w.qmax}], {'per-channel' if w.per_channel else 'per-tensor'}"
+        (f"  weights: int8 {w.range} [-{w.qmax}, {w.qmax}]" if w.dtype == "int8" else f"  weights: {w.dtype}, amax / 448")
+        + f", {'per-channel' if w.per_channel else 'per-tensor'}"
         + (f" (allowed: {', '.join(w.ranges)})" if len(w.ranges) > 1 else ""),
         f"  bias: {target.bias}",
         f"  Q/DQ: on op {target.placement}"

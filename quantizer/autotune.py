@@ -1,7 +1,8 @@
 """Accuracy-driven tuning, after Intel Neural Compressor's autotune.
 
 Evaluate the float model, then quantize with one calibration method after another and
-then keep twice as many of the most damaging nodes float each trial, until a trial's metric is
+then, for twice as many of the most damaging nodes each round, first raise their output
+tensors to the target's 16 bits (where it declares them) and then keep them float, until a trial's metric is
 within ``tolerable_loss`` (relative) of the float metric or ``max_trials`` have run.
 The model runs over the calibration data once: every method's ranges come from the same
 collected histograms, and every trial only re-plans and re-inserts Q/DQ.
@@ -37,6 +38,7 @@ class Trial:
     metric: float
     passed: bool
     loss: float | None = None  # (float metric - metric) / |float metric|; None if that is 0
+    wide: list[str] = field(default_factory=list)  # tensors this trial raised to the target's 16 bits
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -70,6 +72,16 @@ def _requantizers(float_model: onnx.ModelProto, plan, tensor: str) -> list[str]:
     return found
 
 
+def _damage(float_model: onnx.ModelProto, plan, entries: Sequence[dict]) -> tuple[dict[str, float], dict[str, str]]:
+    """{node: the SQNR it loses} and {node: the tensor where it loses it}."""
+    damage: dict[str, float] = {}
+    damaged_tensor: dict[str, str] = {}
+    for tensor, (node, lost) in sqnr_lost(float_model, plan, entries).items():
+        if lost > damage.get(node, -math.inf):
+            damage[node], damaged_tensor[node] = lost, tensor
+    return damage, damaged_tensor
+
+
 def fallback_order(float_model: onnx.ModelProto, plan, entries: Sequence[dict]) -> list[list[str]]:
     """Fallback units, most damaging first, from a tensor report: each unit is a quantized
     node and the quantized consumers that would otherwise quantize its output anyway (with
@@ -80,11 +92,7 @@ def fallback_order(float_model: onnx.ModelProto, plan, entries: Sequence[dict]) 
     deepest ones.  Rank a node instead by the SQNR it loses: the worst of its quantized
     inputs minus its output (capped at 60 dB, so exact tensors count as clean).
     """
-    damage: dict[str, float] = {}
-    damaged_tensor: dict[str, str] = {}
-    for tensor, (node, lost) in sqnr_lost(float_model, plan, entries).items():
-        if lost > damage.get(node, -math.inf):
-            damage[node], damaged_tensor[node] = lost, tensor
+    damage, damaged_tensor = _damage(float_model, plan, entries)
     order = sorted(damage, key=lambda name: (-damage[name], name))
     return [[name, *(c for c in _requantizers(float_model, plan, damaged_tensor[name]) if c != name)] for name in order]
 
@@ -130,6 +138,9 @@ def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable
     base = QuantizationConfig.build(config, percentile=percentage, input_shapes=input_shapes,
                                     target=target, activation_dtype=activation_dtype, weight_range=weight_range,
                                     exclude=exclude, protect=protect, show_progress=show_progress, strict=strict)
+    if base.mode != "static":
+        raise UsageError(f"autotune searches calibration methods and float fallbacks of `mode` static; "
+                         f"`mode` {base.mode} has no activation ranges to tune")
     configs = [base.with_(method=m, report_samples=report_samples) for m in methods]  # validates every method
     sensitivity_samples = report_samples if report_samples > 0 else DEFAULT_REPORT_SAMPLES
 
@@ -150,7 +161,8 @@ def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable
             pipeline.run_steps(pipeline.QUANTIZE, trial_ctx)
             metric = _metric(eval_fn(trial_ctx.outcome.model), f"trial {len(trials) + 1}")
             loss = (baseline - metric) / abs(baseline) if baseline else None
-            trial = Trial(len(trials) + 1, trial_config.method_name, list(fallback), metric, metric >= floor, loss)
+            trial = Trial(len(trials) + 1, trial_config.method_name, list(fallback), metric, metric >= floor, loss,
+                          list(trial_config.wide_tensors))
             trials.append(trial)
             if on_trial is not None:
                 on_trial(trial)
@@ -168,6 +180,8 @@ def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable
             entries = report_summary(ctx.stage1, base_ctx.outcome, ctx.data.samples(sensitivity_samples),
                                      base_ctx.ranges, sensitivity_samples)["tensors"]
             order = fallback_order(ctx.stage1, base_ctx.outcome.plan, entries)
+            wide_dtype = base_ctx.config.resolved_target.activations.wide
+            _, damaged_tensor = _damage(ctx.stage1, base_ctx.outcome.plan, entries)  # what 16 bits would widen
             size = 1
             tried: list[str] | None = None
             while size <= len(order) and len(trials) < max_trials:
@@ -177,6 +191,12 @@ def autotune(model, data, eval_fn: Callable[[onnx.ModelProto], float], tolerable
                     size = min(2 * size, len(order)) if size < len(order) else size + 1
                     continue
                 tried = nodes
+                wide = list(dict.fromkeys(damaged_tensor[unit[0]] for unit in units))
+                if wide_dtype and wide and attempt(base_ctx.config.with_(wide_tensors=tuple(wide)), []).passed:
+                    passed = True  # 16 bits on the sensitive tensors was enough: no node kept float
+                    break
+                if len(trials) >= max_trials:
+                    break
                 if attempt(base_ctx.config, nodes).passed:
                     passed = True
                     break

@@ -65,6 +65,8 @@ class Context:
     autotune: dict | None = None
     summary: Any = None
 
+    pipeline: tuple = ()  # the steps this run runs (pipeline.steps_for its mode)
+    hessians: dict | None = None  # weight-only GPTQ: {activation: X^T X}
     reference_model: Any = None  # the model the references ran (the input model, or stage 1)
     strict_violations: list[str] = field(default_factory=list)  # what `strict` turns into an error
     notes: list[str] = field(default_factory=list)

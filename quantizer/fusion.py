@@ -120,3 +120,46 @@ def fusion_report(model: onnx.ModelProto, plan: QuantPlan) -> FusionReport | Non
                                  for n in graph.node)
     return FusionReport(quantized=len(ours), integer=len(ours) - len(island_nodes), islands=dict(islands),
                         island_nodes=island_nodes, onnxruntime_ops=dict(sorted(counts.items())))
+
+
+# -- the weights-first modes: fused kernels instead of Q/DQ islands ----------------------
+
+# What onnxruntime's CPU provider turns the dynamic and weight-only forms into.
+DYNAMIC_KERNELS = ("DynamicQuantizeMatMul", "MatMulIntegerToFloat", "GatherBlockQuantized")
+WEIGHT_ONLY_KERNELS = ("MatMulNBits", "GatherBlockQuantized")
+_UNFUSED = ("MatMulInteger", "DequantizeLinear")  # what is left of a form onnxruntime did not fuse
+
+
+@dataclass
+class KernelReport:
+    quantized: int  # nodes we quantized
+    kernels: tuple[str, ...]  # the fused kernels they should become
+    integer: int  # fused kernels in onnxruntime's optimized graph
+    unfused: dict[str, int] = field(default_factory=dict)  # MatMulInteger / DequantizeLinear left
+    onnxruntime_ops: dict[str, int] = field(default_factory=dict)
+
+    def note(self) -> str:
+        names = "/".join(self.kernels)
+        if self.integer >= self.quantized and not self.unfused:
+            return f"onnxruntime runs all {self.quantized} quantized nodes in {names}"
+        left = ", ".join(f"{n} {op}" for op, n in sorted(self.unfused.items()))
+        return (f"onnxruntime runs {self.integer} of {self.quantized} quantized nodes in {names}"
+                + (f"; left unfused: {left}" if left else ""))
+
+    def as_dict(self) -> dict:
+        return {"quantized_nodes": self.quantized, "integer_nodes": self.integer, "kernels": list(self.kernels),
+                "unfused": dict(self.unfused), "float_island_nodes": [],
+                "onnxruntime_ops": dict(self.onnxruntime_ops)}
+
+
+def kernel_report(model: onnx.ModelProto, plan: QuantPlan, kernels: tuple[str, ...]) -> KernelReport | None:
+    """How many of ``plan``'s nodes onnxruntime runs in ``kernels`` (com.microsoft ops of
+    its optimized graph), or None if onnxruntime cannot give that graph."""
+    optimized = _optimized_graph(model)
+    if optimized is None:
+        return None
+    counts = collections.Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}:{n.op_type}"
+                                 for n in optimized.graph.node)
+    fused = sum(counts.get(f"com.microsoft:{k}", 0) for k in kernels)
+    unfused = {op: counts[op] for op in _UNFUSED if counts.get(op)}
+    return KernelReport(len(plan.quantized_nodes), kernels, fused, unfused, dict(sorted(counts.items())))

@@ -13,6 +13,7 @@ import onnx
 from . import pipeline
 from .config import QuantizationConfig
 from .context import Context
+from .summary import STATIC_FORM
 
 
 @dataclass(frozen=True)
@@ -21,11 +22,14 @@ class NodeDecision:
     op_type: str
     decision: str  # "quantized", "folded" (a Relu/Clip folded into the quantize before it), "float"
     reason: str = ""  # why float
+    form: str = ""  # what a quantized node becomes (the mode's form)
 
     def as_dict(self) -> dict:
         out = {"name": self.name, "op_type": self.op_type, "decision": self.decision}
         if self.reason:
             out["reason"] = self.reason
+        if self.form:
+            out["form"] = self.form
         return out
 
 
@@ -48,6 +52,7 @@ class Inspection:
     original_nodes: int
     calibrated_tensors: int
     excluded: tuple[str, ...] = ()
+    mode: str = "static"
     notes: tuple[str, ...] = field(default_factory=tuple)
 
     def count(self, decision: str) -> int:
@@ -60,7 +65,7 @@ class Inspection:
             "counts": {"original": self.original_nodes, "optimized": len(self.nodes),
                        "quantized": self.count("quantized"), "folded": self.count("folded"),
                        "float": self.count("float"), "calibrated_tensors": self.calibrated_tensors},
-            "excluded": list(self.excluded), "notes": list(self.notes),
+            "excluded": list(self.excluded), "notes": list(self.notes), "mode": self.mode,
         }
 
 
@@ -82,7 +87,7 @@ def inspect_model(model, config: QuantizationConfig | None = None, **changes) ->
     """The plan for ``model`` under ``config`` (or the defaults with ``changes``: target,
     exclude, input_shapes, ...), without calibration data."""
     config = QuantizationConfig.build(config, **changes)
-    steps = [s for s in pipeline.PREPARE if s.name in STEPS]
+    steps = [s for s in pipeline.steps_for(config) if s.name in STEPS]
     ctx = pipeline.run(pipeline.new_context(model, config), steps)
     return _inspection(ctx)
 
@@ -94,7 +99,8 @@ def _inspection(ctx: Context) -> Inspection:
     nodes = []
     for node in ctx.stage1.graph.node:
         if node.name in quantized:
-            nodes.append(NodeDecision(node.name, node.op_type, "quantized"))
+            nodes.append(NodeDecision(node.name, node.op_type, "quantized",
+                                      form=plan.forms.get(node.name, STATIC_FORM)))
         elif node.name in folded:
             nodes.append(NodeDecision(node.name, node.op_type, "folded", "folded into the quantize of the op before it"))
         else:
@@ -105,5 +111,5 @@ def _inspection(ctx: Context) -> Inspection:
         inputs=_tensors(v for v in ctx.stage1.graph.input if v.name not in initializers),
         outputs=_tensors(ctx.stage1.graph.output), nodes=tuple(nodes),
         original_nodes=len(ctx.original.graph.node), calibrated_tensors=len(plan.calibrated_tensors),
-        excluded=tuple(sorted(ctx.excluded)), notes=tuple(dict.fromkeys(ctx.notes)),
+        excluded=tuple(sorted(ctx.excluded)), notes=tuple(dict.fromkeys(ctx.notes)), mode=ctx.config.mode,
     )

@@ -11,6 +11,13 @@ quantization part once per trial.  A step has one job, skips itself when the run
 not ask for it (``applies``), and says what it changed; the context records the step,
 its time and its stage.  Callers add steps of their own (the model editor's integer
 inputs/outputs) with ``with_steps``.
+
+That list is the static mode's.  The other kinds of quantization (``config.mode``) are
+declared lists of their own, built from the same steps (``steps_for``):
+
+    dynamic:     ... check_stage1 (its plan) -> verify_stage1 -> quantize_dynamic -> ... (no calibration)
+    weight-only: ... check_stage1 (its plan) -> verify_stage1 -> collect_hessians (GPTQ only)
+                 -> quantize_weights -> ...
 """
 
 from __future__ import annotations
@@ -40,8 +47,9 @@ from quantizer.calibrators import CalibrationMethod, range_errors
 from .config import AUTO, CalibrationInputs, Outputs, QuantizationConfig, method_name
 from .context import Context, Written
 from .dataset import DataSource, input_specs
-from .errors import ModelError, StrictError
-from .fusion import fusion_report
+from .dynamic import insert_dynamic, plan_dynamic
+from .errors import ModelError, StrictError, UsageError
+from .fusion import DYNAMIC_KERNELS, WEIGHT_ONLY_KERNELS, fusion_report, kernel_report
 from .model_io import (
     check_distinct_outputs,
     file_sha256,
@@ -52,12 +60,14 @@ from .model_io import (
 from .optimize import optimize_model
 from .protect import PROTECTED_REASON, find_protected
 from .qdq.plan import build_plan, resolve_exclude
-from .quantize import insert, validate_ranges
+from .quantize import QuantizeOutcome, at_opset, finish_model, insert, validate_ranges
 from .report import report_summary
 from .subgraphs import count_subgraph_nodes
 from .summary import build_summary
 from .targets import record_target
 from .verify import Reference, WrittenModelCheck, compare_outputs, measure_fidelity
+from .weight_only import OPSET as WEIGHT_ONLY_OPSET
+from .weight_only import collect_hessians, insert_weight_only, plan_weight_only
 
 # Stage 1 must compute the input model's function: an output whose SQNR against the input
 # model falls below this is a rewrite gone wrong (folding noise is far above: > 100 dB).
@@ -150,6 +160,10 @@ STAGE1 = (
          lambda ctx: ctx.config.protect_normalization),
     Step("check_stage1", "optimize", _check_stage1),
 )
+# What the stage-1 check re-runs when it falls back to stage 1 without the optimizer
+# (the steps of the running pipeline by these names: each mode plans its own way).
+WIDE_OPSET = 21  # QuantizeLinear/DequantizeLinear with int16/uint16
+_STAGE1_RERUN = ("optimize", "resolve_scope", "check_stage1", "prepare_calibration")
 
 
 # -- stage 2 ---------------------------------------------------------------------------
@@ -203,7 +217,7 @@ def _verify_stage1(ctx: Context) -> str | None:
     if problem is None:
         return "outputs match the input model"
     ctx.conservative = True
-    run_steps(STAGE1 + (PREPARE_CALIBRATION,), ctx)
+    run_steps([s for s in ctx.pipeline or PIPELINE if s.name in _STAGE1_RERUN], ctx)
     problem_again = _stage1_difference(ctx, sample)
     if problem_again is not None:
         raise ModelError(f"stage 1 changes the model's output {problem_again} on calibration sample {name}, "
@@ -301,9 +315,7 @@ def _choose_ranges(ctx: Context) -> str:
     keep = ctx.excluded | set(ctx.keep_float)
 
     def quantized_session(ranges):
-        outcome = insert(ir.from_proto(ctx.stage1), {**ranges, **ctx.config.range_overrides}, exclude=keep,
-                         target=ctx.config.resolved_target)
-        return runtime.session(outcome.model)
+        return runtime.session(_quantized(ctx, ctx.stage1, {**ranges, **ctx.config.range_overrides}, keep).model)
 
     totals = selection.method_totals()
     checked = sorted(per_method, key=lambda name: (totals.get(name, float("inf")), list(per_method).index(name)))
@@ -330,7 +342,7 @@ def _check_bias_correction(ctx: Context) -> str:
         keep = ctx.excluded | set(ctx.keep_float)
         scores = {}
         for name, model in (("corrected", ctx.stage1), ("uncorrected", corrections.uncorrected)):
-            outcome = insert(ir.from_proto(model), ctx.ranges, exclude=keep, target=ctx.config.resolved_target)
+            outcome = _quantized(ctx, model, ctx.ranges, keep)
             scores[name] = loss_aware.output_sqnr_db(runtime.session(outcome.model), samples, references)
         corrections.kept = scores["corrected"] >= scores["uncorrected"]
         corrections.output_sqnr_db = scores
@@ -364,9 +376,20 @@ def _protect(ctx: Context) -> str | None:
     return f"{len(protected)} nodes kept float" if protected else None
 
 
+def _quantized(ctx: Context, stage1: onnx.ModelProto, ranges: Mapping, keep: set[str]):
+    """Q/DQ insertion into ``stage1`` at the opset the target (and 16-bit tensors) need."""
+    target, wide = ctx.config.resolved_target, ctx.config.wide_tensors
+    opset = max(target.min_opset, WIDE_OPSET if wide else 0)
+    model = ir.from_proto(at_opset(stage1, opset, f"target {target.name}" + (" with 16-bit tensors" if wide else "")))
+    return insert(model, ranges, exclude=keep, target=target, wide=wide)
+
+
 def _insert_qdq(ctx: Context) -> str:
     keep = ctx.excluded | set(ctx.keep_float) | {p["node"] for p in ctx.protected}
-    ctx.outcome = insert(ir.from_proto(ctx.stage1), ctx.ranges, exclude=keep, target=ctx.config.resolved_target)
+    wide = ctx.config.wide_tensors
+    ctx.outcome = _quantized(ctx, ctx.stage1, ctx.ranges, keep)
+    for name in sorted(set(wide) - ctx.outcome.plan.wide):
+        _warn(ctx, f"`wide_tensors`: '{name}' is not a quantized tensor of this run")
     record_target(ctx.outcome.model, ctx.config.resolved_target)
     reasons = ctx.outcome.plan.float_reasons
     reasons.update({p["node"]: PROTECTED_REASON for p in ctx.protected})
@@ -487,15 +510,19 @@ def _enforce_strict(ctx: Context) -> None:
         raise StrictError(f"{ctx.strict_violations[0]}{more}; nothing was written (`strict`)")
 
 
-def _fusion_report(ctx: Context) -> str | None:
-    """Which quantized nodes onnxruntime runs in integer kernels, from its optimized graph."""
-    ctx.fusion = fusion_report(ctx.outcome.model, ctx.outcome.plan)
-    if ctx.fusion is None:
-        return None
-    note = ctx.fusion.note()
-    if note:
-        ctx.notes.append(note)
-    return f"{ctx.fusion.integer} of {ctx.fusion.quantized} quantized nodes in integer kernels"
+def _fusion_step(report: Callable, kernels: str) -> Step:
+    """Which quantized nodes onnxruntime runs in ``kernels``, from its optimized graph
+    (``report(model, plan)``: fusion.fusion_report, or kernel_report for the fused forms)."""
+    def run(ctx: Context) -> str | None:
+        ctx.fusion = report(ctx.outcome.model, ctx.outcome.plan)
+        if ctx.fusion is None:
+            return None
+        note = ctx.fusion.note()
+        if note:
+            ctx.notes.append(note)
+        return f"{ctx.fusion.integer} of {ctx.fusion.quantized} quantized nodes in {kernels}"
+
+    return Step("fusion_report", "report", run, lambda ctx: ctx.config.resolved_target.report_fusion)
 
 
 def _summarize(ctx: Context) -> None:
@@ -539,7 +566,7 @@ FINISH = (
     Step("tensor_report", "report", _tensor_report, lambda ctx: ctx.config.report_samples > 0),
     Step("save_ranges", "write", _save_ranges, lambda ctx: ctx.outputs.save_ranges is not None),
     Step("write_model", "write", _write_model, lambda ctx: ctx.outputs.model is not None),
-    Step("fusion_report", "report", _fusion_report, lambda ctx: ctx.config.resolved_target.report_fusion),
+    _fusion_step(fusion_report, "integer kernels"),
     Step("enforce_strict", "write", _enforce_strict, lambda ctx: ctx.config.strict),
     Step("summarize", "write", _summarize),
     Step("write_report", "write", _write_report, lambda ctx: ctx.outputs.report is not None),
@@ -549,6 +576,86 @@ PIPELINE = PREPARE + QUANTIZE + FINISH
 # Stage 2 alone (one shard of the data, say): the calibration state, saved and committed.
 # Stage 2 alone (`quantize calibrate`): the state is of the stage-1 model, so nothing corrects it.
 CALIBRATE = tuple(s for s in PREPARE if s.name != "correct_bias") + (Step("commit", "write", _commit),)
+
+
+# -- the other modes: weights first, no activation ranges --------------------------------
+
+def _check_weighted_plan(planner: Callable) -> Step:
+    """The mode's check_stage1: its plan of the stage-1 model, and the stage-1 checks."""
+    def run(ctx: Context) -> str:
+        ctx.plan, _ = planner(ctx, ctx.model)
+        ctx.notes.extend(check_stage1(ctx.original, ctx.stage1, ctx.plan))
+        return f"{len(ctx.plan.quantized_nodes)} nodes to quantize"
+
+    return Step("check_stage1", "optimize", run)
+
+
+def _dynamic_plan(ctx: Context, model: ir.Model):
+    return plan_dynamic(model, ctx.excluded, ctx.config.resolved_target, ctx.config.embeddings)
+
+
+def _quantize_dynamic(ctx: Context) -> str:
+    model = ir.from_proto(ctx.stage1)
+    target = ctx.config.resolved_target
+    plan, found = _dynamic_plan(ctx, model)
+    insert_dynamic(model, found, target.weights.qmax)
+    ctx.outcome = QuantizeOutcome(finish_model(model), plan, {}, target.weights.range, target)
+    record_target(ctx.outcome.model, target)
+    return f"{len(plan.quantized_nodes)} MatMul/Gemm nodes quantized dynamically"
+
+
+def _weight_only_plan(ctx: Context, model: ir.Model):
+    return plan_weight_only(model, ctx.excluded, ctx.config)
+
+
+def _collect_hessians(ctx: Context) -> str:
+    if ctx.data.source is None:
+        raise UsageError("`weight_algorithm` gptq needs calibration data (`dataset`): the activations of "
+                         "each MatMul's input; use rtn without data")
+    inputs = [n.inputs[0].name for n in ctx.plan.quantized_nodes]
+    ctx.hessians, count = collect_hessians(ctx.stage1, inputs, ctx.data.stream())
+    return f"X^T X of {len(ctx.hessians)} activations over {count} samples"
+
+
+def _quantize_weights(ctx: Context) -> str:
+    model = ir.from_proto(at_opset(ctx.stage1, WEIGHT_ONLY_OPSET, "weight-only quantization (DequantizeLinear "
+                                   "with block_size)"))
+    target = ctx.config.resolved_target
+    plan, found = _weight_only_plan(ctx, model)
+    insert_weight_only(model, found, ctx.config, ctx.hessians)
+    ctx.outcome = QuantizeOutcome(finish_model(model), plan, {}, target.weights.range, target)
+    record_target(ctx.outcome.model, target)
+    return f"{len(plan.quantized_nodes)} MatMul/Gemm weights quantized to {ctx.config.weight_bits} bits"
+
+
+def _kernel_report(kernels: tuple[str, ...]) -> Step:
+    return _fusion_step(lambda model, plan: kernel_report(model, plan, kernels), "/".join(kernels))
+
+
+def _replaced(steps: Sequence[Step], by: Mapping[str, Step | None]) -> tuple[Step, ...]:
+    """``steps`` with the steps named in ``by`` replaced (None: removed)."""
+    return tuple(by[s.name] if s.name in by else s for s in steps if by.get(s.name, s) is not None)
+
+
+_NO_CALIBRATION = {"prepare_calibration": None, "collect": None, "save_calibration": None, "correct_bias": None}
+_NO_RANGES = {"tensor_report": None, "save_ranges": None}
+DYNAMIC_PIPELINE = (
+    *_replaced(PREPARE, {**_NO_CALIBRATION, "check_stage1": _check_weighted_plan(_dynamic_plan)}),
+    Step("quantize_dynamic", "quantize", _quantize_dynamic),
+    *_replaced(FINISH, {**_NO_RANGES, "fusion_report": _kernel_report(DYNAMIC_KERNELS)}),
+)
+WEIGHT_ONLY_PIPELINE = (
+    *_replaced(PREPARE, {**_NO_CALIBRATION, "check_stage1": _check_weighted_plan(_weight_only_plan)}),
+    Step("collect_hessians", "calibrate", _collect_hessians, lambda ctx: ctx.config.weight_algorithm == "gptq"),
+    Step("quantize_weights", "quantize", _quantize_weights),
+    *_replaced(FINISH, {**_NO_RANGES, "fusion_report": _kernel_report(WEIGHT_ONLY_KERNELS)}),
+)
+MODE_PIPELINES = {"static": PIPELINE, "dynamic": DYNAMIC_PIPELINE, "weight-only": WEIGHT_ONLY_PIPELINE}
+
+
+def steps_for(config: QuantizationConfig) -> tuple[Step, ...]:
+    """The declared steps of ``config.mode``."""
+    return MODE_PIPELINES[config.mode]
 
 
 def with_steps(steps: Sequence[Step], after: str, extra: Sequence[Step]) -> tuple[Step, ...]:
@@ -566,8 +673,11 @@ def new_context(model, config: QuantizationConfig, inputs: CalibrationInputs | N
     return ctx
 
 
-def run(ctx: Context, steps: Sequence[Step] = PIPELINE) -> Context:
-    """Run ``steps`` over ``ctx``; on any failure (or Ctrl-C) nothing staged is written."""
+def run(ctx: Context, steps: Sequence[Step] | None = None) -> Context:
+    """Run ``steps`` (default: the pipeline of the configuration's mode) over ``ctx``; on
+    any failure (or Ctrl-C) nothing staged is written."""
+    steps = tuple(steps) if steps is not None else steps_for(ctx.config)
+    ctx.pipeline = steps
     try:
         return run_steps(steps, ctx)
     except BaseException:
@@ -603,6 +713,14 @@ def quantize_model(
     report_samples: int | None = None,
     strict: bool | None = None,
     client=None,
+    mode: str | None = None,
+    weight_bits: int | None = None,
+    block_size: int | None = None,
+    weight_symmetric: bool | None = None,
+    weight_signed: bool | None = None,
+    weight_algorithm: str | None = None,
+    embeddings: bool | None = None,
+    wide_tensors: Iterable[str] | None = None,
 ) -> QuantizationResult:
     """optimize -> calibrate -> quantize, as the pipeline's steps.
 
@@ -619,12 +737,18 @@ def quantize_model(
     "tflite", or a target file); ``activation_dtype``/``weight_range`` override its choice.
     ``client``: a ``dask.distributed.Client`` whose workers calibrate (``dataset`` a path
     they all read); the model is byte-identical to a run without it.
+    ``mode``: "static" (default), "dynamic" (no calibration; ``dataset`` only checks the
+    result) or "weight-only" (``weight_bits``, ``block_size``, ``weight_symmetric``,
+    ``weight_signed``, ``weight_algorithm``, ``embeddings``: see QuantizationConfig).
+    ``wide_tensors``: tensors quantized at the target's 16-bit activation type.
     """
     config = QuantizationConfig.build(
         config, method=method, percentile=percentage, input_shapes=input_shapes, target=target,
         activation_dtype=activation_dtype, weight_range=weight_range, exclude=exclude,
         show_progress=show_progress, range_overrides=range_overrides, protect=protect,
-        report_samples=report_samples, strict=strict)
+        report_samples=report_samples, strict=strict, mode=mode, weight_bits=weight_bits, block_size=block_size,
+        weight_symmetric=weight_symmetric, weight_signed=weight_signed, weight_algorithm=weight_algorithm,
+        embeddings=embeddings, wide_tensors=wide_tensors)
     inputs = CalibrationInputs(dataset, load_calibration, ranges)
     ctx = run(new_context(model, config, inputs, Outputs(save_calibration=save_calibration), client=client))
     return QuantizationResult(ctx.outcome.model, ctx.ranges, ctx.summary)

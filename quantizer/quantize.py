@@ -11,7 +11,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as ir_passes
 
 from .checks import refuse_quantized
-from .errors import InternalError, UsageError, first_line
+from .errors import InternalError, ModelError, UsageError, first_line
 from .model_io import fits_in_protobuf, load_model
 from .qdq.insert import insert_qdq
 from .qdq.params import ActivationParams, resolve_weight_range
@@ -85,13 +85,35 @@ def resolve_target(target, activation_dtype: str | None = None, weight_range: st
 
 
 def insert(ir_model: ir.Model, ranges: Mapping, activation_dtype: str | None = None,
-           exclude: Iterable[str] = (), weight_range: str | None = None, target=None) -> QuantizeOutcome:
+           exclude: Iterable[str] = (), weight_range: str | None = None, target=None,
+           wide: Iterable[str] = ()) -> QuantizeOutcome:
     """Plan and insert Q/DQ into ``ir_model`` (a stage-1 model, changed in place) for
-    ``target`` (a name, file or Target; see ``resolve_target`` for None)."""
+    ``target`` (a name, file or Target; see ``resolve_target`` for None).  ``wide``: tensors
+    quantized at the target's 16-bit activation type (the model must be at opset 21)."""
     target = resolve_target(target, activation_dtype, weight_range)
     ranges = validate_ranges(ranges)
     plan = _plan_with_ranges(ir_model, ranges, set(exclude), target)
+    plan.wide = set(wide) & set(plan.tensors)
     params = insert_qdq(ir_model, plan, ranges)
+    return QuantizeOutcome(finish_model(ir_model), plan, params, target.weights.range, target)
+
+
+def at_opset(model: onnx.ModelProto, version: int, purpose: str) -> onnx.ModelProto:
+    """``model`` at opset ``version`` or newer (converted; a ModelError names ``purpose``)."""
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), version)
+    if current >= version:
+        return model
+    try:
+        converted = onnx.version_converter.convert_version(model, version)
+    except Exception as exc:
+        raise ModelError(f"{purpose} needs opset {version} and the model cannot be converted from opset "
+                         f"{current}: {first_line(exc)}") from exc
+    converted.ir_version = max(converted.ir_version, 9 if version < 21 else 10)
+    return converted
+
+
+def finish_model(ir_model: ir.Model) -> onnx.ModelProto:
+    """A rewritten model as a checked ModelProto: unused nodes removed, sorted."""
     ir_passes.RemoveUnusedNodesPass()(ir_model)
     ir_passes.TopologicalSortPass()(ir_model)
     out = ir.to_proto(ir_model)
@@ -100,7 +122,7 @@ def insert(ir_model: ir.Model, ranges: Mapping, activation_dtype: str | None = N
             onnx.checker.check_model(out, full_check=True)
     except Exception as exc:
         raise InternalError(f"the quantized model fails onnx.checker: {first_line(exc)}") from exc
-    return QuantizeOutcome(out, plan, params, target.weights.range, target)
+    return out
 
 
 def quantize_with_plan(model, ranges: Mapping, activation_dtype: str | None = None,
@@ -109,7 +131,9 @@ def quantize_with_plan(model, ranges: Mapping, activation_dtype: str | None = No
     """``insert`` on a stage-1 model given as a path or ModelProto (refused if quantized)."""
     proto = load_model(model)
     refuse_quantized(proto)
-    return insert(ir.from_proto(proto), ranges, activation_dtype, exclude, weight_range, target)
+    resolved = resolve_target(target, activation_dtype, weight_range)
+    proto = at_opset(proto, resolved.min_opset, f"target {resolved.name}")
+    return insert(ir.from_proto(proto), ranges, exclude=exclude, target=resolved)
 
 
 def quantize(model, ranges: Mapping, activation_dtype: str | None = None,

@@ -138,8 +138,8 @@ def measure(float_model: onnx.ModelProto, int8_model: onnx.ModelProto, samples, 
     entries = []
     for name in tensors:
         p = params[name]
-        info = np.iinfo(p.zero_point.dtype)
-        scale, zero_point = float(p.scale), int(p.zero_point)
+        low, high = p.grid
+        scale, zero_point = float(p.scale), int(float(p.zero_point))
         producer = producers.get(name)
         signal, noise, max_error, count = sums[name]
         entry = {
@@ -149,7 +149,8 @@ def measure(float_model: onnx.ModelProto, int8_model: onnx.ModelProto, samples, 
             "range": [float(v) for v in ranges[name]] if ranges and name in ranges else None,
             "scale": scale,
             "zero_point": zero_point,
-            "grid": [scale * (info.min - zero_point), scale * (info.max - zero_point)],
+            "dtype": str(p.zero_point.dtype), "bits": p.zero_point.dtype.itemsize * 8,
+            "grid": [scale * (low - zero_point), scale * (high - zero_point)],
             "sqnr_db": None, "max_abs_error": None, "mse": None,
         }
         if used:

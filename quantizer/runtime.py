@@ -44,6 +44,10 @@ def session(model, *, extra_outputs=(), optimize: bool = True, threads: int | No
         options.intra_op_num_threads = threads
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    elif _has_float8(model):
+        # onnxruntime 1.32's extended level fuses Relu -> QuantizeLinear for float8 too and
+        # drops the Relu (negative values then pass): float8 Q/DQ models run at the basic level.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if isinstance(model, (str, os.PathLike)) and not extra_outputs:
         return ort.InferenceSession(str(model), options, providers=PROVIDERS)
     if isinstance(model, (str, os.PathLike)):
@@ -52,6 +56,15 @@ def session(model, *, extra_outputs=(), optimize: bool = True, threads: int | No
         model = with_extra_outputs(model, list(extra_outputs))
     with ort_model_source(model) as source:
         return ort.InferenceSession(source, options, providers=PROVIDERS)
+
+
+def _has_float8(model) -> bool:
+    if isinstance(model, (str, os.PathLike)):
+        try:
+            model = onnx.load(str(model), load_external_data=False)
+        except Exception:
+            return False
+    return any(i.data_type == TensorProto.FLOAT8E4M3FN for i in model.graph.initializer)
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+STATIC_FORM = "static: int8 Q/DQ with calibrated activation ranges"
+
 __all__ = ["CalibrationSummary", "FloatNode", "NodeSummary", "Summary", "build_summary", "versions"]
 
 
@@ -30,6 +32,7 @@ class NodeSummary:
     quantized_names: tuple[str, ...]  # stage-1 node names, what `exclude` matches
     activations_folded_into_q: int
     float: tuple[FloatNode, ...]
+    forms: dict[str, str] = field(default_factory=dict)  # quantized node -> what it became
 
     @property
     def quantized(self) -> int:
@@ -41,6 +44,7 @@ class NodeSummary:
             "quantized_by_op": dict(self.quantized_by_op), "quantized_names": list(self.quantized_names),
             "activations_folded_into_q": self.activations_folded_into_q,
             "float": [{"node": f.node, "op_type": f.op_type, "reason": f.reason} for f in self.float],
+            "forms": dict(self.forms),
         }
 
 
@@ -91,6 +95,7 @@ class Summary(Mapping):
     input_sha256: str | None = None
     target: dict | None = None  # the resolved target (targets.Target.as_dict())
     fusion: dict | None = None  # what onnxruntime runs in integer kernels (fusion.FusionReport)
+    mode: str = "static"
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -98,7 +103,7 @@ class Summary(Mapping):
             "weight_range": self.weight_range, "size_bytes": dict(self.size_bytes),
             "seconds": dict(self.seconds), "notes": list(self.notes),
             "calibration": self.calibration.as_dict(), "protected": [dict(p) for p in self.protected],
-            "steps": [dict(s) for s in self.steps], "versions": dict(self.versions),
+            "steps": [dict(s) for s in self.steps], "versions": dict(self.versions), "mode": self.mode,
         }
         for name in ("input", "output", "tensors", "report_samples", "fidelity", "autotune", "input_sha256", "target", "fusion"):
             value = getattr(self, name)
@@ -143,6 +148,7 @@ def build_summary(ctx) -> Summary:
         quantized_by_op=dict(sorted(quantized.items())),
         quantized_names=tuple(n.name for n in plan.quantized_nodes),
         activations_folded_into_q=len(plan.absorbed_nodes), float=float_nodes,
+        forms={n.name: plan.forms.get(n.name, STATIC_FORM) for n in plan.quantized_nodes},
     )
     calibrator = ctx.calibrator
     if calibrator is not None and ctx.inputs.ranges is None:
@@ -154,6 +160,8 @@ def build_summary(ctx) -> Summary:
             selection=ctx.range_selection.summary() if ctx.range_selection is not None else None,
             bias_correction=ctx.bias_corrections.summary() if ctx.bias_corrections is not None else None,
         )
+    elif ctx.config.mode != "static":
+        calibration = CalibrationSummary("none" if ctx.hessians is None else "gptq activations (X^T X)", 0, 0)
     else:
         calibration = CalibrationSummary(
             "given ranges", 0, len(ctx.ranges),
@@ -177,4 +185,5 @@ def build_summary(ctx) -> Summary:
         input_sha256=ctx.input_sha256,
         target=outcome.target.as_dict() if outcome.target is not None else None,
         fusion=ctx.fusion.as_dict() if ctx.fusion is not None else None,
+        mode=ctx.config.mode,
     )

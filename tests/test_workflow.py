@@ -153,7 +153,7 @@ def test_shell_completion_offers_methods_and_targets(monkeypatch, capsys):
     from quantizer.cli.main import main
 
     for words, cword, want in (("quantize run m.onnx --calib ent", "4", {"entropy_asym", "entropy_sym"}),
-                               ("quantize m.onnx --target tens", "3", {"tensorrt"})):
+                               ("quantize m.onnx --target tens", "3", {"tensorrt", "tensorrt-fp8"})):
         monkeypatch.setenv("_QUANTIZE_COMPLETE", "bash_complete")
         monkeypatch.setenv("COMP_WORDS", words)
         monkeypatch.setenv("COMP_CWORD", cword)

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
 from ..naming import UniqueNames
 from .params import (
+    FLOAT8,
+    FLOAT8_MAX,
     ActivationParams,
     quantize_bias,
     quantize_weight,
+    quantize_weight_float8,
     spec_params,
     weight_scales,
     widen_for_bias,
@@ -63,7 +67,8 @@ def _input_scale(plan: QuantPlan, params: Mapping[str, ActivationParams], name: 
 
 def group_params(plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], dtype) -> dict[str, ActivationParams]:
     """One parameter set per shared group, from the union of its members' ranges.
-    ``dtype``: a dtype name or the target's activation spec (symmetric, scale rule)."""
+    ``dtype``: a dtype name or the target's activation spec (symmetric, scale rule); a
+    group with a member in ``plan.wide`` takes the spec's 16-bit form."""
     group_range: dict[str, tuple[float, float]] = {}
     for name, value in plan.tensors.items():
         if name in plan.fixed_ranges:
@@ -76,7 +81,9 @@ def group_params(plan: QuantPlan, ranges: Mapping[str, tuple[float, float]], dty
         root = plan.group(name)
         old = group_range.get(root, (low, high))
         group_range[root] = (min(old[0], low), max(old[1], high))
-    by_group = {root: spec_params(*r, dtype) for root, r in group_range.items()}
+    wide_roots = {plan.group(name) for name in plan.wide}
+    by_group = {root: spec_params(*r, dtype.widened() if root in wide_roots else dtype)
+                for root, r in group_range.items()}
     return {name: by_group[plan.group(name)] for name in plan.tensors}
 
 
@@ -101,6 +108,14 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, ranges: Mapping[str, tuple[floa
         node, index, axis = slot.node, slot.index, slot.axis
         weight_value = node.inputs[index]
         weight = weight_value.const_value.numpy().astype(np.float32)
+        if target.weights.dtype == FLOAT8:  # symmetric amax / 448; the target's bias is float
+            scales = weight_scales(weight, axis, FLOAT8_MAX)
+            q_weight = writer.constant(f"{weight_value.name}_quantized", quantize_weight_float8(weight, scales, axis))
+            zero = np.zeros(scales.shape, ml_dtypes.float8_e4m3fn)
+            dq = writer.dequantize(weight_value.name, q_weight, scales, zero, axis, weight_value)
+            graph.insert_before(node, dq)
+            node.replace_input_with(index, dq.outputs[0])
+            continue
         scales = weight_scales(weight, axis, weight_qmax)
         if not weight_rule.is_identity:
             scales = weight_rule.apply(scales)

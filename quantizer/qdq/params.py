@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 INT32_MAX = np.iinfo(np.int32).max
@@ -12,18 +13,38 @@ INT32_MAX = np.iinfo(np.int32).max
 WEIGHT_QMAX = {"full": 127, "reduced": 63}
 _TINY = np.float32(1e-12)
 
-ACTIVATION_DTYPES = {"int8": np.int8, "uint8": np.uint8}
+# FP8 (E4M3, finite, no negative zero: float8e4m3fn, QDQ at opset 19): symmetric, zero
+# point 0, scale = amax / 448 (its largest finite value).
+FLOAT8 = "float8e4m3fn"
+FLOAT8_MAX = 448.0
+ACTIVATION_DTYPES = {"int8": np.int8, "uint8": np.uint8, FLOAT8: ml_dtypes.float8_e4m3fn,
+                     "int16": np.int16, "uint16": np.uint16}  # 16 bits: the wide tensors of a target that has them
+WIDE_DTYPES = ("int16", "uint16")
+
+
+def is_float8(dtype) -> bool:
+    return np.dtype(dtype) == np.dtype(ml_dtypes.float8_e4m3fn)
 
 
 @dataclass(frozen=True)
 class ActivationParams:
     scale: np.float32
-    zero_point: np.integer  # np.int8 or np.uint8 scalar
+    zero_point: np.generic  # np.int8 / np.uint8 scalar, or float8_e4m3fn 0
+
+    @property
+    def grid(self) -> tuple[float, float]:
+        """The smallest and largest quantized values."""
+        if is_float8(self.zero_point.dtype):
+            return -FLOAT8_MAX, FLOAT8_MAX
+        info = np.iinfo(self.zero_point.dtype)
+        return float(info.min), float(info.max)
 
     def quantize(self, values: np.ndarray) -> np.ndarray:
-        info = np.iinfo(self.zero_point.dtype)
+        low, high = self.grid
+        if is_float8(self.zero_point.dtype):  # round to nearest representable, saturating
+            return np.clip(values / self.scale, low, high).astype(self.zero_point.dtype)
         q = np.round(values / self.scale) + int(self.zero_point)
-        return np.clip(q, info.min, info.max).astype(self.zero_point.dtype)
+        return np.clip(q, low, high).astype(self.zero_point.dtype)
 
 
 def activation_params(low: float, high: float, dtype: str = "int8", *, symmetric: bool = False,
@@ -35,11 +56,18 @@ def activation_params(low: float, high: float, dtype: str = "int8", *, symmetric
     zero point is chosen, so the range only grows.
     """
     np_dtype = ACTIVATION_DTYPES[dtype]
-    info = np.iinfo(np_dtype)
     low, high = min(float(low), 0.0), max(float(high), 0.0)
+    if dtype == FLOAT8:
+        scale = np.float32(max(-low, high) / FLOAT8_MAX)
+        if not np.isfinite(scale) or scale <= _TINY:
+            scale = np.float32(1.0)
+        if scale_rule is not None and not scale_rule.is_identity:
+            scale = np.float32(scale_rule.apply(scale))
+        return ActivationParams(scale=scale, zero_point=np_dtype(0))
+    info = np.iinfo(np_dtype)
     if symmetric:
-        if np_dtype is not np.int8:
-            raise ValueError("symmetric activations are int8 (zero point 0)")
+        if np_dtype not in (np.int8, np.int16):
+            raise ValueError("symmetric activations are int8 or int16 (zero point 0)")
         scale = np.float32(max(-low, high) / info.max)
     else:
         scale = np.float32((high - low) / (info.max - info.min))
@@ -96,6 +124,15 @@ def quantize_weight(weight: np.ndarray, scales: np.ndarray, axis: int | None, qm
         shape[axis] = -1
     q = np.round(weight / scales.reshape(shape if axis is not None else ()))
     return np.clip(q, -qmax, qmax).astype(np.int8)
+
+
+def quantize_weight_float8(weight: np.ndarray, scales: np.ndarray, axis: int | None) -> np.ndarray:
+    """float8e4m3fn weights with ``scales`` = amax / 448 per channel (``weight_scales(..., 448)``)."""
+    shape = [1] * weight.ndim
+    if axis is not None:
+        shape[axis] = -1
+    q = weight / scales.reshape(shape if axis is not None else ())
+    return np.clip(q, -FLOAT8_MAX, FLOAT8_MAX).astype(ml_dtypes.float8_e4m3fn)
 
 
 def quantize_bias(bias: np.ndarray, input_scale: float, w_scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

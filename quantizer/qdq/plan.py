@@ -43,6 +43,8 @@ class QuantPlan:
     parent: dict[str, str] = field(default_factory=dict)  # union-find over shared params
     # Mul by a positive scalar folded into a DequantizeLinear: output -> (source, factor)
     rescaled: dict[str, tuple[str, float]] = field(default_factory=dict)
+    forms: dict[str, str] = field(default_factory=dict)  # node name -> what it becomes (other modes than static)
+    wide: set[str] = field(default_factory=set)  # tensors quantized at the target's 16 bits
     rules: Mapping[str, OpRule] = field(default_factory=dict)  # the target's op table
     target: Any = None  # targets.Target the plan was made for
 

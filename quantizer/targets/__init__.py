@@ -24,6 +24,7 @@ from typing import Any
 
 from .spec import (
     ACTIVATION_DTYPES,
+    MODES,
     WEIGHT_QMAX,
     ActivationSpec,
     ScaleRule,
@@ -43,6 +44,7 @@ __all__ = [
     "ACTIVATION_DTYPES",
     "ALIASES",
     "DEFAULT_TARGET",
+    "MODES",
     "WEIGHT_QMAX",
     "ActivationSpec",
     "ScaleRule",
@@ -56,7 +58,7 @@ __all__ = [
 
 DEFAULT_TARGET = "ort-cpu"
 ALIASES = {"npu": "tflite"}  # "ort-cpu" is resolved by machine_preset()
-PRESETS = ("ort-cpu-x86", "ort-cpu-vnni", "ort-cpu-arm", "tensorrt", "tflite")
+PRESETS = ("ort-cpu-x86", "ort-cpu-vnni", "ort-cpu-arm", "tensorrt", "tensorrt-fp8", "tflite")
 
 
 def preset_names() -> tuple[str, ...]:

@@ -14,11 +14,16 @@ from typing import Any
 
 import numpy as np
 
-from ..qdq.params import WEIGHT_QMAX
+from ..qdq.params import FLOAT8, WEIGHT_QMAX, WIDE_DTYPES
 from ..qdq.rules import KINDS, OUTPUTS, OpRule
 
 ACTIVATION_DTYPES = ("uint8", "int8")  # the order is the default preference of a file without dtypes
+ALLOWED_ACTIVATION_DTYPES = (*ACTIVATION_DTYPES, FLOAT8)  # float8 only where a target declares it
+WEIGHT_DTYPES = ("int8", FLOAT8)
+FLOAT8_OPSET = 19  # QuantizeLinear/DequantizeLinear with float8 types
 BIAS_DTYPES = ("int32", "float")
+# Kinds of quantization (QuantizationConfig.mode); a target lists the ones it runs.
+MODES = ("static", "dynamic", "weight-only")
 PLACEMENTS = ("outputs", "inputs")
 
 
@@ -53,6 +58,12 @@ class ActivationSpec:
     dtypes: tuple[str, ...] = ACTIVATION_DTYPES  # what an override may choose
     symmetric: bool = False  # zero point 0, scale = max|x| / 127
     scale: ScaleRule = ScaleRule()
+    wide: str | None = None  # int16/uint16: what a tensor raised to 16 bits uses (None: no 16-bit tensors)
+    wide_symmetric: bool = False
+
+    def widened(self) -> ActivationSpec:
+        """The spec of a 16-bit tensor."""
+        return replace(self, dtype=self.wide, symmetric=self.wide_symmetric)
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,7 @@ class WeightSpec:
     ranges: tuple[str, ...] = tuple(WEIGHT_QMAX)
     per_channel: bool = True
     scale: ScaleRule = ScaleRule()
+    dtype: str = "int8"  # or float8e4m3fn (symmetric, scale = amax / 448)
 
     @property
     def qmax(self) -> int:
@@ -79,6 +91,9 @@ class Target:
     a DequantizeLinear with a scaled scale (no op at run time).
     rewrites: stage-1 rewrite families (quantizer/rewrites.py) that help this backend.
     report_fusion: after writing, report which nodes onnxruntime runs in integer kernels.
+    modes: the kinds of quantization the backend runs fast (MODES): "static" Q/DQ,
+    "dynamic" (int8 weights, activations quantized at run time), "weight-only" (int8/int4
+    block-quantized weights, float compute).
     """
 
     name: str
@@ -92,6 +107,7 @@ class Target:
     fold_scalar_mul: bool = False
     rewrites: tuple[str, ...] = ()
     report_fusion: bool = False
+    modes: tuple[str, ...] = ("static",)
     requested: str = ""  # what the user asked for ("ort-cpu" resolves to a machine's preset)
     source: str = ""  # "preset" or the file it came from
 
@@ -112,6 +128,11 @@ class Target:
             weights = replace(weights, range=weight_range)
         return replace(self, activations=activations, weights=weights)
 
+    @property
+    def min_opset(self) -> int:
+        """The opset the quantized model needs (float8 Q/DQ: 19)."""
+        return FLOAT8_OPSET if FLOAT8 in (self.activations.dtype, self.weights.dtype) else 13
+
     def as_dict(self) -> dict:
         """The resolved target, as recorded in the report and the model's metadata."""
         def scale(rule: ScaleRule) -> dict:
@@ -121,14 +142,16 @@ class Target:
             "name": self.name, "requested": self.requested or self.name, "source": self.source,
             "description": self.description,
             "activations": {"dtype": self.activations.dtype, "dtypes": list(self.activations.dtypes),
-                            "symmetric": self.activations.symmetric, "scale": scale(self.activations.scale)},
-            "weights": {"dtype": "int8", "range": self.weights.range, "qmax": self.weights.qmax,
+                            "symmetric": self.activations.symmetric, "scale": scale(self.activations.scale),
+                            "wide_dtype": self.activations.wide, "wide_symmetric": self.activations.wide_symmetric},
+            "weights": {"dtype": self.weights.dtype, "range": self.weights.range, "qmax": self.weights.qmax,
                         "ranges": list(self.weights.ranges), "per_channel": self.weights.per_channel,
                         "scale": scale(self.weights.scale)},
             "bias": self.bias,
             "placement": {"qdq": self.placement, "fused_activations": sorted(self.fused_activations),
                           "fold_scalar_mul": self.fold_scalar_mul, "rewrites": list(self.rewrites),
                           "report_fusion": self.report_fusion},
+            "modes": list(self.modes),
             "ops": {op: rule.as_dict() for op, rule in sorted(self.ops.items())},
         }
 
@@ -136,10 +159,10 @@ class Target:
 # -- reading a mapping -----------------------------------------------------------------
 
 _SCHEMA = {
-    "name": str, "description": str, "base": str,
-    "activations": {"dtype": str, "dtypes": list, "symmetric": bool,
+    "name": str, "description": str, "base": str, "modes": list,
+    "activations": {"dtype": str, "dtypes": list, "symmetric": bool, "wide_dtype": str, "wide_symmetric": bool,
                     "scale": {"power_of_two": bool, "minimum": (int, float)}},
-    "weights": {"range": str, "ranges": list, "per_channel": bool,
+    "weights": {"dtype": str, "range": str, "ranges": list, "per_channel": bool,
                 "scale": {"power_of_two": bool, "minimum": (int, float)}},
     "bias": {"dtype": str},
     "placement": {"qdq": str, "fused_activations": list, "fold_scalar_mul": bool, "rewrites": list,
@@ -230,11 +253,18 @@ def from_mapping(data: Mapping, *, known_rewrites=(), source: str = "preset") ->
     if not data.get("name"):
         raise TargetError("`name` is missing")
     act, wts = data.get("activations", {}), data.get("weights", {})
-    dtypes = _choices(act.get("dtypes", ACTIVATION_DTYPES), ACTIVATION_DTYPES, "activations.dtypes")
+    dtypes = _choices(act.get("dtypes", ACTIVATION_DTYPES), ALLOWED_ACTIVATION_DTYPES, "activations.dtypes")
     dtype = _choice(act.get("dtype", dtypes[0]), dtypes, "activations.dtype")
     symmetric = bool(act.get("symmetric", False))
     if symmetric and "uint8" in dtypes:
         raise TargetError("`activations.symmetric` needs int8 activations only (`activations.dtypes` = [\"int8\"])")
+    if FLOAT8 in dtypes and (not symmetric or len(dtypes) > 1):
+        raise TargetError(f"{FLOAT8} activations are symmetric and the only choice: set `activations.symmetric` = "
+                          f"true and `activations.dtypes` = [\"{FLOAT8}\"]")
+    wide = _choice(act["wide_dtype"], WIDE_DTYPES, "activations.wide_dtype") if "wide_dtype" in act else None
+    wide_symmetric = bool(act.get("wide_symmetric", False))
+    if wide_symmetric and wide == "uint16":
+        raise TargetError("`activations.wide_symmetric` needs `activations.wide_dtype` = \"int16\"")
     ranges = _choices(wts.get("ranges", tuple(WEIGHT_QMAX)), tuple(WEIGHT_QMAX), "weights.ranges")
     weight_range = _choice(wts.get("range", ranges[0]), ranges, "weights.range")
     placement = data.get("placement", {})
@@ -253,11 +283,14 @@ def from_mapping(data: Mapping, *, known_rewrites=(), source: str = "preset") ->
         raise TargetError(f"`placement.fused_activations` must list op types, got {fused!r}")
     return Target(
         name=str(data["name"]), description=str(data.get("description", "")),
-        activations=ActivationSpec(dtype, dtypes, symmetric, _scale(act.get("scale", {}), "activations.scale")),
+        activations=ActivationSpec(dtype, dtypes, symmetric, _scale(act.get("scale", {}), "activations.scale"),
+                                   wide, wide_symmetric),
         weights=WeightSpec(weight_range, ranges, bool(wts.get("per_channel", True)),
-                           _scale(wts.get("scale", {}), "weights.scale")),
+                           _scale(wts.get("scale", {}), "weights.scale"),
+                           _choice(wts.get("dtype", "int8"), WEIGHT_DTYPES, "weights.dtype")),
         bias=_choice(data.get("bias", {}).get("dtype", "int32"), BIAS_DTYPES, "bias.dtype"),
         ops=ops, placement=_choice(placement.get("qdq", "outputs"), PLACEMENTS, "placement.qdq"),
         fused_activations=frozenset(fused), fold_scalar_mul=bool(placement.get("fold_scalar_mul", False)),
-        rewrites=rewrites, report_fusion=bool(placement.get("report_fusion", False)), source=source,
+        rewrites=rewrites, report_fusion=bool(placement.get("report_fusion", False)),
+        modes=_choices(data.get("modes", ["static"]), MODES, "modes"), source=source,
     )
