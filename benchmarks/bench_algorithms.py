@@ -34,17 +34,16 @@ HERE = Path(__file__).resolve().parent
 SECTION = "## Accuracy algorithms: ablation on the accuracy suite (issue: accuracy algorithms)"
 # name -> QuantizationConfig parameters (the rest are the defaults).
 CONFIGS = {
-    "min_max_asym": {"method": "min_max_asym"},
-    "entropy_asym": {"method": "entropy_asym"},
-    "mse_asym": {"method": "mse_asym"},
-    "percentile_asym": {"method": "percentile_asym"},
-    "default": {},
-    "auto": {"method": "auto"},
-    "auto + bias correction": {"method": "auto", "bias_correction": True},
-    "mse + bias correction": {"method": "mse_asym", "bias_correction": True},
+    "min_max_asym": {"method": "min_max_asym", "bias_correction": False},  # the default before this change
+    "entropy_asym": {"method": "entropy_asym", "bias_correction": False},
+    "mse_asym": {"method": "mse_asym", "bias_correction": False},
+    "percentile_asym": {"method": "percentile_asym", "bias_correction": False},
+    "auto without bias correction": {"method": "auto", "bias_correction": False},
+    "mse_asym + bias correction": {"method": "mse_asym"},
+    "default": {},  # auto + bias correction (checked)
     "no normalization protection": {"protect_normalization": False},
 }
-DEFAULT_CONFIGS = "min_max_asym,entropy_asym,mse_asym,default"
+DEFAULT_CONFIGS = "min_max_asym,entropy_asym,mse_asym,percentile_asym,auto without bias correction,default"
 
 
 def git_head() -> str:
