@@ -63,6 +63,18 @@ def format_summary(summary, output: Path | None, rows: int = 10) -> str:
     if calib and calib["method"] != "none":
         lines.append(f"calibration: {calib['method'].lower()} over {calib['samples']} samples, "
                      f"{calib['tensors']} tensors")
+        auto = calib.get("auto")
+        if auto:
+            db = auto["output_sqnr_db"]
+            others = ", ".join(f"{name} {value:.1f} dB" for name, value in db.items() if name != auto["picked"])
+            lines.append(f"  auto: {auto['picked']} ({db[auto['picked']]:.1f} dB output SQNR on the accuracy "
+                         f"samples; {others})")
+        corrected = calib.get("bias_correction")
+        if corrected and corrected["corrected"]:
+            db = corrected["output_sqnr_db"]
+            verdict = "kept" if corrected["kept"] else "dropped"
+            lines.append(f"  bias correction: {corrected['corrected']} biases, {verdict}"
+                         + (f" ({db['corrected']:.1f} dB with, {db['uncorrected']:.1f} dB without)" if db else ""))
         for name, (low, high) in calib.get("overridden", {}).items():
             lines.append(f"  range of '{name}' set to [{low:g}, {high:g}] (--input-range)")
         for name, count in calib["nonfinite_values"].items():

@@ -310,7 +310,8 @@ def _choose_ranges(ctx: Context) -> str:
                                          shapes=_static_shapes(ctx), show_progress=ctx.config.show_progress,
                                          full_data_errors=lambda name, ranges: range_errors(statistics[name], ranges))
 
-    float_session = runtime.session(ctx.stage1)
+    uncorrected = ctx.bias_corrections.uncorrected if ctx.bias_corrections is not None else None
+    float_session = runtime.session(uncorrected or ctx.stage1)  # the float function, before any correction
     references = [float_session.run(None, dict(sample)) for sample in samples]
     keep = ctx.excluded | set(ctx.keep_float)
 
