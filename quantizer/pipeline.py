@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
@@ -249,9 +250,22 @@ def _collect(ctx: Context) -> str:
     return f"{ctx.calibrator.samples_seen} samples, {len(ctx.calibrator.tensors)} tensors"
 
 
-def _static_shapes(ctx: Context) -> dict:
-    """{tensor: shape} from stage 1's shape inference (the accuracy steps' memory estimate)."""
-    return {v.name: v.shape for node in ctx.model.graph for v in node.outputs if v.shape is not None}
+def _tensor_bytes(ctx: Context) -> dict[str, int]:
+    """{tensor: bytes per sample}, the accuracy steps' memory estimate: from the static
+    shape where stage 1 inferred one, else from what calibration counted (values per
+    sample), so a model with dynamic spatial sizes is budgeted at its real size."""
+    sizes = {}
+    for node in ctx.model.graph:
+        for value in node.outputs:
+            dims = None if value.shape is None else list(value.shape)
+            if dims is not None and all(isinstance(d, int) for d in dims):
+                sizes[value.name] = 4 * int(np.prod(dims, dtype=np.int64))
+    calibrator = ctx.calibrator
+    if calibrator is not None and calibrator.samples_seen:
+        for name, stats in calibrator.statistics.items():
+            if name not in sizes:
+                sizes[name] = 4 * int((stats.count + stats.nonfinite) / calibrator.samples_seen) + 1
+    return sizes
 
 
 def _accuracy_samples(ctx: Context) -> list[dict]:
@@ -265,7 +279,7 @@ def _correct_bias(ctx: Context) -> str | None:
         ctx.notes.append("bias correction skipped: it measures on calibration samples, and none were given")
         return None
     corrections = bias_correction.correct_biases(ctx.stage1, ctx.plan, ctx.config.resolved_target.weights, samples,
-                                                 shapes=_static_shapes(ctx), show_progress=ctx.config.show_progress)
+                                                 sizes=_tensor_bytes(ctx), show_progress=ctx.config.show_progress)
     corrections.uncorrected = ctx.stage1
     ctx.stage1 = bias_correction.apply(ctx.stage1, corrections)
     ctx.bias_corrections = corrections
@@ -307,7 +321,7 @@ def _choose_ranges(ctx: Context) -> str:
     per_method = {method_name(m): _method_ranges(ctx, m) for m in methods}
     statistics = ctx.calibrator.statistics
     selection = loss_aware.choose_ranges(ctx.stage1, per_method, samples, ctx.config.resolved_target.activations,
-                                         shapes=_static_shapes(ctx), show_progress=ctx.config.show_progress,
+                                         sizes=_tensor_bytes(ctx), show_progress=ctx.config.show_progress,
                                          full_data_errors=lambda name, ranges: range_errors(statistics[name], ranges))
 
     uncorrected = ctx.bias_corrections.uncorrected if ctx.bias_corrections is not None else None

@@ -185,3 +185,13 @@ def test_large_feature_maps_are_measured_on_a_centre_window():
     assert cropped["scalar"] is feed["scalar"]
     assert loss_aware._cropped({"t": big, "half": big[:, :, :300]}, "t", 1 << 16) is None  # sizes differ
     assert loss_aware._cropped({"t": big[:, :, :10, :10]}, "t", 1 << 16) is None  # small: measured whole
+
+
+def test_recording_is_chunked_to_the_memory_budget():
+    needs = {f"t{i}": [f"t{i}", f"in{i}"] for i in range(10)}
+    sizes = {name: 100 for names in needs.values() for name in names}
+    groups = loss_aware._chunks(list(needs), needs, lambda name: sizes[name], budget=450)
+    assert [t for g in groups for t in g] == list(needs)  # every tensor once, in order
+    for group in groups:
+        held = {n for t in group for n in needs[t]}
+        assert len(held) * 100 <= 450 or len(group) == 1

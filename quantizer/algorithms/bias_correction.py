@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from .. import runtime
 from ..qdq.params import quantize_weight, weight_scales
-from .loss_aware import MEMORY_BUDGET, _nbytes, recorded_chunks
+from .loss_aware import MEMORY_BUDGET, UNKNOWN_BYTES, recorded_chunks
 
 CORRECTED_OPS = frozenset({"Conv", "Gemm"})
 MIN_RELATIVE_SHIFT = 1e-4  # of the layer output's RMS
@@ -100,7 +100,7 @@ def _shift_model(model: onnx.ModelProto, node: onnx.NodeProto, delta: np.ndarray
 
 
 def correct_biases(model: onnx.ModelProto, plan, weight_spec, samples: Sequence[Mapping[str, np.ndarray]], *,
-                   shapes: Mapping | None = None, memory_budget: int = MEMORY_BUDGET,
+                   sizes: Mapping[str, int] | None = None, memory_budget: int = MEMORY_BUDGET,
                    show_progress: bool | None = None) -> Corrections:
     """The corrected biases of ``model``'s quantized Conv/Gemm layers (``plan``: the Q/DQ
     plan; ``weight_spec``: the target's weight spec), measured on ``samples``."""
@@ -109,8 +109,8 @@ def correct_biases(model: onnx.ModelProto, plan, weight_spec, samples: Sequence[
     names = [node.name for node, *_ in layers]
     by_name = {node.name: (node, w, b, axis) for node, w, b, axis in layers}
     needs = {node.name: [node.input[0], node.output[0]] for node, *_ in layers}
-    shapes = shapes or {}
-    size_of = lambda name: _nbytes(shapes.get(name)) * max(len(samples), 1)  # noqa: E731
+    sizes = sizes or {}
+    size_of = lambda name: sizes.get(name, UNKNOWN_BYTES) * max(len(samples), 1)  # noqa: E731
     corrections = Corrections()
     progress = show_progress if show_progress is not None else sys.stderr.isatty()
     bar = tqdm(total=len(names), desc="correcting biases", unit="layer", disable=not progress, leave=False)

@@ -65,7 +65,7 @@ PER_TENSOR = "per-tensor choice"
 BLOCK_SAMPLES = 2  # samples the blocks are measured on (the whole-model check uses all)
 SWITCH_MARGIN_DB = 0.5  # a single method's ranges must beat the per-tensor choice by this much
 CHECKED_METHODS = 2  # single methods checked against the per-tensor choice (best block totals)
-_UNKNOWN_BYTES = 4 << 20  # a tensor whose shape is not static: assumed this large
+UNKNOWN_BYTES = 4 << 20  # a tensor of unknown size (no static shape, not calibrated): assumed this large
 
 
 @dataclass(frozen=True)
@@ -196,12 +196,6 @@ class _Graph:
         return model
 
 
-def _nbytes(shape, itemsize: int = 4) -> int:
-    if shape is None or not all(isinstance(d, int) for d in shape):
-        return _UNKNOWN_BYTES
-    return int(np.prod(shape, dtype=np.int64)) * itemsize
-
-
 def _chunks(tensors: Sequence[str], needs: Mapping[str, list[str]], size_of: Callable[[str], int],
             budget: int) -> list[list[str]]:
     """Groups of tensors whose recorded inputs, together, stay within ``budget`` bytes."""
@@ -267,7 +261,7 @@ def _relative_error(reference: list[np.ndarray], energies: list[float], got: lis
 
 
 def choose_ranges(model: onnx.ModelProto, per_method: Mapping[str, Mapping[str, tuple[float, float]]],
-                  samples: Sequence[Mapping[str, np.ndarray]], spec, *, shapes: Mapping | None = None,
+                  samples: Sequence[Mapping[str, np.ndarray]], spec, *, sizes: Mapping[str, int] | None = None,
                   full_data_errors: Callable[[str, list], np.ndarray] | None = None,
                   memory_budget: int = MEMORY_BUDGET, show_progress: bool | None = None) -> Selection:
     """Pick each tensor's range among ``candidate_ranges`` by the error of its block.
@@ -275,7 +269,7 @@ def choose_ranges(model: onnx.ModelProto, per_method: Mapping[str, Mapping[str, 
     ``model``: the stage-1 float model.  ``per_method``: {method name: {tensor: range}},
     min_max first.  ``samples``: a few calibration samples (feeds of the model).
     ``spec``: the target's activation spec (the grid the candidates are measured on).
-    ``shapes``: {tensor: static shape} for the memory estimate.
+    ``sizes``: {tensor: bytes per sample} for the memory estimate (``UNKNOWN_BYTES`` when missing).
     ``full_data_errors(tensor, ranges)``: each range's squared error of the tensor itself
     over all calibration data (from its histogram); candidates above ``GUARD`` times the
     smallest are not measured: a few samples cannot show the rare outliers a narrow range
@@ -287,8 +281,8 @@ def choose_ranges(model: onnx.ModelProto, per_method: Mapping[str, Mapping[str, 
     selection = Selection()
     blocks = {t: graph.block(t) for t in tensors}
     needs = {t: ([t] + graph.external_inputs(b)) if b else [t] for t, b in blocks.items()}
-    shapes = shapes or {}
-    size_of = lambda name: _nbytes(shapes.get(name)) * min(len(samples), BLOCK_SAMPLES)  # noqa: E731
+    sizes = sizes or {}
+    size_of = lambda name: sizes.get(name, UNKNOWN_BYTES) * min(len(samples), BLOCK_SAMPLES)  # noqa: E731
     progress = show_progress if show_progress is not None else sys.stderr.isatty()
     bar = tqdm(total=len(tensors), desc="choosing ranges", unit="tensor", disable=not progress, leave=False)
     for group, recorded in recorded_chunks(model, tensors, needs, samples[:BLOCK_SAMPLES], size_of, memory_budget):
