@@ -2,7 +2,7 @@
 
     load -> refuse_quantized -> check_outputs -> check_names -> optimize -> resolve_scope -> keep_normalization_float -> check_stage1
     -> prepare_calibration -> verify_stage1 -> collect -> save_calibration -> correct_bias
-    -> choose_ranges -> compute_ranges -> check_bias_correction -> protect -> insert_qdq
+    -> check_bias_correction -> choose_ranges -> compute_ranges -> protect -> insert_qdq
     -> refuse_float_copy -> tensor_report -> save_ranges -> write_model -> fusion_report -> summarize
     -> write_report -> commit
 
@@ -346,6 +346,17 @@ def _choose_ranges(ctx: Context) -> str:
             f"per tensor: {by_tensor}")
 
 
+def _probe_ranges(ctx: Context) -> dict:
+    """The ranges the bias-correction check quantizes with, before ``auto`` has chosen
+    its own (which it then chooses on the model the check kept): the method's, or for
+    ``auto`` the target's mse form."""
+    if ctx.inputs.ranges is not None:
+        return validate_ranges(ctx.inputs.ranges)
+    if ctx.config.method == AUTO:
+        return _method_ranges(ctx, _auto_methods(ctx)[loss_aware.FAMILIES.index("MSE")])
+    return _method_ranges(ctx, ctx.config.method)
+
+
 def _check_bias_correction(ctx: Context) -> str:
     """Keep the corrected biases only if the quantized model's outputs are closer to
     float with them, on the accuracy samples (once per run; autotune's trials follow)."""
@@ -356,8 +367,9 @@ def _check_bias_correction(ctx: Context) -> str:
         references = [float_session.run(None, dict(sample)) for sample in samples]
         keep = ctx.excluded | set(ctx.keep_float)
         scores = {}
+        probe = {**_probe_ranges(ctx), **ctx.config.range_overrides}
         for name, model in (("corrected", ctx.stage1), ("uncorrected", corrections.uncorrected)):
-            outcome = _quantized(ctx, model, ctx.ranges, keep)
+            outcome = _quantized(ctx, model, probe, keep)
             scores[name] = loss_aware.output_sqnr_db(runtime.session(outcome.model), samples, references)
         corrections.kept = scores["corrected"] >= scores["uncorrected"]
         corrections.output_sqnr_db = scores
@@ -413,11 +425,11 @@ def _insert_qdq(ctx: Context) -> str:
 
 
 QUANTIZE = (
+    Step("check_bias_correction", "quantize", _check_bias_correction,
+         lambda ctx: ctx.bias_corrections is not None and bool(ctx.bias_corrections.biases)),
     Step("choose_ranges", "calibrate", _choose_ranges,
          lambda ctx: ctx.config.method == AUTO and ctx.inputs.ranges is None and AUTO not in ctx.ranges_by_method),
     Step("compute_ranges", "quantize", _compute_ranges),
-    Step("check_bias_correction", "quantize", _check_bias_correction,
-         lambda ctx: ctx.bias_corrections is not None and bool(ctx.bias_corrections.biases)),
     Step("protect", "quantize", _protect, lambda ctx: ctx.config.protect),
     Step("insert_qdq", "quantize", _insert_qdq),
 )
