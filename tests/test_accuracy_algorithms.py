@@ -195,3 +195,24 @@ def test_recording_is_chunked_to_the_memory_budget():
     for group in groups:
         held = {n for t in group for n in needs[t]}
         assert len(held) * 100 <= 450 or len(group) == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_accuracy_samples_must_be_a_positive_integer(bad):
+    from quantizer.errors import UsageError
+
+    with pytest.raises(UsageError, match="`accuracy_samples` must be an integer >= 1"):
+        QuantizationConfig(accuracy_samples=bad)
+
+
+def test_cli_refuses_zero_accuracy_samples_and_writes_nothing(tmp_path):
+    from click.testing import CliRunner
+
+    from conftest import SAMPLE_CALIB, SAMPLE_MODEL
+    from quantizer.cli.main import cli
+
+    out = tmp_path / "m.onnx"
+    result = CliRunner().invoke(cli, [str(SAMPLE_MODEL), "--data", str(SAMPLE_CALIB), "--accuracy-samples", "0",
+                                      "-o", str(out)])
+    assert result.exit_code == 2 and "--accuracy-samples" in result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
