@@ -314,7 +314,7 @@ def _choose_ranges(ctx: Context) -> str:
     methods = _auto_methods(ctx)
     samples = _accuracy_samples(ctx)
     if not samples:  # statistics from saved states only: no block can be measured
-        fallback = methods[loss_aware.FAMILIES.index("MSE")]
+        fallback = _auto_fallback(ctx)
         ctx.ranges_by_method[AUTO] = _method_ranges(ctx, fallback)
         ctx.notes.append(f"auto: no calibration samples to measure blocks on; used {method_name(fallback)}")
         return f"no samples: {method_name(fallback)}"
@@ -324,9 +324,7 @@ def _choose_ranges(ctx: Context) -> str:
                                          sizes=_tensor_bytes(ctx), show_progress=ctx.config.show_progress,
                                          full_data_errors=lambda name, ranges: range_errors(statistics[name], ranges))
 
-    uncorrected = ctx.bias_corrections.uncorrected if ctx.bias_corrections is not None else None
-    float_session = runtime.session(uncorrected or ctx.stage1)  # the float function, before any correction
-    references = [float_session.run(None, dict(sample)) for sample in samples]
+    references = _float_references(ctx, samples)
     keep = ctx.excluded | set(ctx.keep_float)
 
     def quantized_session(ranges):
@@ -346,6 +344,21 @@ def _choose_ranges(ctx: Context) -> str:
             f"per tensor: {by_tensor}")
 
 
+def _float_references(ctx: Context, samples: list[dict]) -> list:
+    """The float model's outputs on the accuracy samples (before any bias correction:
+    the function the checks compare against), computed once per run."""
+    if ctx.accuracy_references is None:
+        corrections = ctx.bias_corrections
+        session = runtime.session(corrections.uncorrected if corrections is not None else ctx.stage1)
+        ctx.accuracy_references = [session.run(None, dict(sample)) for sample in samples]
+    return ctx.accuracy_references
+
+
+def _auto_fallback(ctx: Context) -> CalibrationMethod:
+    """The method ``auto`` stands on where it cannot measure: the target's mse form."""
+    return _auto_methods(ctx)[loss_aware.FAMILIES.index("MSE")]
+
+
 def _probe_ranges(ctx: Context) -> dict:
     """The ranges the bias-correction check quantizes with, before ``auto`` has chosen
     its own (which it then chooses on the model the check kept): the method's, or for
@@ -353,7 +366,7 @@ def _probe_ranges(ctx: Context) -> dict:
     if ctx.inputs.ranges is not None:
         return validate_ranges(ctx.inputs.ranges)
     if ctx.config.method == AUTO:
-        return _method_ranges(ctx, _auto_methods(ctx)[loss_aware.FAMILIES.index("MSE")])
+        return _method_ranges(ctx, _auto_fallback(ctx))
     return _method_ranges(ctx, ctx.config.method)
 
 
@@ -363,8 +376,7 @@ def _check_bias_correction(ctx: Context) -> str:
     corrections = ctx.bias_corrections
     if corrections.kept is None:
         samples = _accuracy_samples(ctx)
-        float_session = runtime.session(corrections.uncorrected)
-        references = [float_session.run(None, dict(sample)) for sample in samples]
+        references = _float_references(ctx, samples)
         keep = ctx.excluded | set(ctx.keep_float)
         scores = {}
         probe = {**_probe_ranges(ctx), **ctx.config.range_overrides}
