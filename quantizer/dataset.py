@@ -1140,6 +1140,13 @@ def _order(count: int, options: DataOptions) -> Sequence[int]:
     return order
 
 
+def _spread(count: int, n: int) -> list[int]:
+    """``min(n, count)`` distinct indices of ``range(count)`` spread evenly, first and last included."""
+    if count <= n or n == 1:
+        return list(range(min(n, count)))
+    return sorted({(2 * k * (count - 1) + n - 1) // (2 * (n - 1)) for k in range(n)})  # k (count-1)/(n-1), halves up
+
+
 class DataSource:
     """Calibration samples that several steps read: the first sample (stage-1 and
     fidelity checks), the whole stream (calibration) and the first few again (the
@@ -1323,6 +1330,30 @@ class DataSource:
         else:
             items = self.samples(n)
         for index, sample in enumerate(iter_samples(items, specs)):
+            yield str(index), sample
+
+    def spread_samples(self, specs: list[InputSpec], n: int) -> Iterator[tuple[str, Sample]]:
+        """``n`` samples spread evenly over the whole source (first, last and evenly
+        between, in this source's order), checked, each with its name: the accuracy
+        steps' samples.  A folder sorted by class or by recording then still gives them
+        every kind of input, where its first files might all be alike.  A one-shot
+        iterator gives its first ``n`` (it cannot be read again)."""
+        if self.source is None or n <= 0:
+            return
+        if self._path is not None:
+            plan = self._plan(specs)
+            if plan.count not in self._orders:
+                self._orders[plan.count] = _order(plan.count, self.options)
+            order = self._orders[plan.count]
+            positions = [order[i] for i in _spread(len(order), n)]
+            yield from plan.iterate(positions, ordered=all(a < b for a, b in zip(positions, positions[1:])))
+            return
+        if self.one_shot:
+            yield from self.named_samples(specs, n)
+            return
+        view = self._view()
+        indices = _spread(len(view), n)
+        for index, sample in zip(indices, iter_samples([view[i] for i in indices], specs)):
             yield str(index), sample
 
     def samples(self, n: int):

@@ -269,7 +269,12 @@ def _tensor_bytes(ctx: Context) -> dict[str, int]:
 
 
 def _accuracy_samples(ctx: Context) -> list[dict]:
-    return [sample for _, sample in ctx.data.named_samples(input_specs(ctx.original), ctx.config.accuracy_samples)]
+    """The samples the accuracy steps measure on, spread over the calibration data and
+    read once per run."""
+    if ctx.accuracy_samples is None:
+        ctx.accuracy_samples = [sample for _, sample in
+                                ctx.data.spread_samples(input_specs(ctx.original), ctx.config.accuracy_samples)]
+    return ctx.accuracy_samples
 
 
 def _correct_bias(ctx: Context) -> str | None:

@@ -6,10 +6,12 @@ whole set; every refusal is one line with its exit code."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 import tempfile
 import tracemalloc
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -536,3 +538,30 @@ def test_the_api_raises_the_same_errors(tmp_path):
         quantize_model(tiny_cnn(("N", 3, "H", "W")), image_folder(tmp_path), show_progress=False)
     with pytest.raises(UsageError, match="image preprocessing .`images`. applies to a folder of images"):
         DataSource([np.zeros((1, 1, 8, 8), np.float32)], images=ImagePreprocessing())
+
+
+# -- the accuracy steps' samples -------------------------------------------------------------
+
+@settings(max_examples=25, deadline=None)
+@given(count=st.integers(1, 12), n=st.integers(1, 6), seed=st.none() | st.integers(0, 10**6),
+       form=st.sampled_from(["folder", "stack", "list"]))
+def test_the_accuracy_samples_spread_over_the_whole_source(count, n, seed, form):
+    rows = np.arange(count * 6, dtype=np.float32).reshape(count, 1, 2, 3)
+    spec = [InputSpec("x", F32, ("N", 2, 3))]
+    with tempfile.TemporaryDirectory() as folder:
+        if form == "folder":
+            data = calibration_folder(Path(folder), {f"s{i:02d}.npy": rows[i] for i in range(count)})
+        elif form == "stack":
+            data = save_stack(Path(folder) / "stack.npy", "npy", rows[:, 0])
+        else:
+            data = [{"x": row} for row in rows]
+        source = DataSource(data, shuffle_seed=seed)
+        everything = [sample["x"] for _, sample in source.named_samples(spec, None)]
+        spread = [sample["x"] for _, sample in source.spread_samples(spec, n)]
+    # brute force: the k-th pick is the sample nearest to position k * (count - 1) / (n - 1)
+    wanted = sorted({math.floor(Fraction(k * (count - 1), n - 1) + Fraction(1, 2)) for k in range(n)}) if n > 1 else [0]
+    wanted = wanted if count > n else list(range(count))
+    assert len(spread) == min(n, count)
+    assert all(np.array_equal(got, everything[i]) for got, i in zip(spread, wanted))
+    if count > 1 and n > 1:  # first and last of the source's order are both measured
+        assert np.array_equal(spread[0], everything[0]) and np.array_equal(spread[-1], everything[-1])
