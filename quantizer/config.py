@@ -110,7 +110,7 @@ class QuantizationConfig:
     the ten names (any case), which keeps its exact meaning.
     accuracy_samples: calibration samples the accuracy steps measure on (the ``auto``
     method's blocks, bias correction's output shifts), spread evenly over the data
-    (first, last and between).
+    (DataSource.spread_samples).
     bias_correction: subtract from each Conv/Gemm bias the mean output shift its weight
     rounding causes (algorithms/bias_correction.py), kept only if the quantized model's
     outputs are closer to float with it.

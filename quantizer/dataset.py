@@ -1140,11 +1140,48 @@ def _order(count: int, options: DataOptions) -> Sequence[int]:
     return order
 
 
+def _spread_stride(count: int, n: int) -> int:
+    """The power-of-two stride at which ``count`` samples leave at most ``2 n`` (the one a
+    stream of unknown length reaches by doubling: ``_Thinned``)."""
+    stride = 1
+    while -(-count // stride) > 2 * n:
+        stride *= 2
+    return stride
+
+
+def _pick_evenly(m: int, n: int) -> list[int]:
+    """``min(n, m)`` distinct indices of ``range(m)`` spread evenly, first and last included."""
+    if m <= n or n == 1:
+        return list(range(min(n, m)))
+    return sorted({(2 * k * (m - 1) + n - 1) // (2 * (n - 1)) for k in range(n)})  # k (m-1)/(n-1), halves up
+
+
 def _spread(count: int, n: int) -> list[int]:
-    """``min(n, count)`` distinct indices of ``range(count)`` spread evenly, first and last included."""
-    if count <= n or n == 1:
-        return list(range(min(n, count)))
-    return sorted({(2 * k * (count - 1) + n - 1) // (2 * (n - 1)) for k in range(n)})  # k (count-1)/(n-1), halves up
+    """The positions of ``n`` samples spread over ``count``: every ``_spread_stride``-th
+    sample, then ``n`` of those evenly.  A stream picks the same ones (``_Thinned``)."""
+    stride = _spread_stride(count, n)
+    return [j * stride for j in _pick_evenly(-(-count // stride), n)]
+
+
+class _Thinned:
+    """The items of a stream of unknown length at the multiples of a power-of-two stride
+    that doubles whenever more than ``2 n`` would be held: at the end, exactly the items
+    ``_spread`` picks among (at most 2n + 1 items held at any time)."""
+
+    def __init__(self, n: int):
+        self.n, self.stride, self.count = n, 1, 0
+        self.items: list = []
+
+    def add(self, item) -> None:
+        if self.count % self.stride == 0:
+            self.items.append(item)
+        self.count += 1
+        if -(-self.count // self.stride) > 2 * self.n:
+            self.stride *= 2
+            self.items = self.items[::2]
+
+    def picked(self, n: int) -> list:
+        return [self.items[j] for j in _pick_evenly(len(self.items), n)]
 
 
 class DataSource:
@@ -1159,7 +1196,7 @@ class DataSource:
     when given.  Every method honours them."""
 
     def __init__(self, dataset, keep: int = 1, *, max_samples: int | None = None, shuffle_seed: int | None = None,
-                 images: ImagePreprocessing | None = None):
+                 images: ImagePreprocessing | None = None, spread: int = 4):
         if dataset is not None and not isinstance(dataset, (str, Path, DataSpec, Iterable)):
             raise UsageError(
                 f"calibration data must be a folder path or an iterable of samples, got {type(dataset).__name__}"
@@ -1183,6 +1220,7 @@ class DataSource:
                                  "or a sequence), not a one-shot iterator")
         self._iterator = iter(dataset) if self.one_shot else None
         self._head: list = []  # the first items of a one-shot iterator
+        self._thinned = _Thinned(max(int(spread), 1))  # a one-shot iterator's items that spread_samples picks from
         self._streamed = False
         self._collection = None  # a path's folder listing or stacked file, opened once
         self._plans: dict[tuple, object] = {}  # per model inputs: the path bound to them
@@ -1259,10 +1297,21 @@ class DataSource:
 
     def _fill(self, n: int) -> None:
         while len(self._head) < n and not self._streamed:
-            try:
-                self._head.append(next(self._iterator))
-            except StopIteration:
-                self._streamed = True
+            self._pull(self._head.append)
+
+    def _pull(self, take) -> bool:
+        """Read the next item of a one-shot iterator into ``take`` (and into the thinned
+        items spread_samples picks from, if it is within ``max_samples``); False at its end."""
+        try:
+            item = next(self._iterator)
+        except StopIteration:
+            self._streamed = True
+            return False
+        limit = self.options.max_samples
+        if limit is None or self._thinned.count < limit:
+            self._thinned.add(item)
+        take(item)
+        return True
 
     def _limit(self, n: int | None) -> int | None:
         limits = [x for x in (n, self.options.max_samples) if x is not None]
@@ -1304,15 +1353,13 @@ class DataSource:
         yield from head
         count = len(head)
         while not self._streamed and (limit is None or count < limit):
-            try:
-                item = next(self._iterator)
-            except StopIteration:
-                self._streamed = True
+            pulled = []
+            if not self._pull(pulled.append):
                 break
             if len(self._head) < self.keep:
-                self._head.append(item)
+                self._head.append(pulled[0])
             count += 1
-            yield item
+            yield pulled[0]
 
     def named_samples(self, specs: list[InputSpec], n: int | None) -> Iterator[tuple[str, Sample]]:
         """The first ``n`` samples (None: all), checked, each with its name (the file
@@ -1336,8 +1383,11 @@ class DataSource:
         """``n`` samples spread evenly over the whole source (first, last and evenly
         between, in this source's order), checked, each with its name: the accuracy
         steps' samples.  A folder sorted by class or by recording then still gives them
-        every kind of input, where its first files might all be alike.  A one-shot
-        iterator gives its first ``n`` (it cannot be read again)."""
+        every kind of input, where its first files might all be alike.  The picks are
+        every ``_spread_stride``-th sample, then ``n`` of those evenly (the last one
+        included when the source holds at most ``2 n``), so that a one-shot iterator, which
+        cannot be read again, keeps the same ones as they pass (``_Thinned``: the source's
+        ``spread`` must then be at least ``n``)."""
         if self.source is None or n <= 0:
             return
         if self._path is not None:
@@ -1349,7 +1399,10 @@ class DataSource:
             yield from plan.iterate(positions, ordered=all(a < b for a, b in zip(positions, positions[1:])))
             return
         if self.one_shot:
-            yield from self.named_samples(specs, n)
+            if not self._streamed:  # calibration has not read it (e.g. statistics from saved states)
+                for _ in self._replay():
+                    pass
+            yield from ((str(i), sample) for i, sample in enumerate(iter_samples(self._thinned.picked(n), specs)))
             return
         view = self._view()
         indices = _spread(len(view), n)

@@ -713,7 +713,8 @@ def new_context(model, config: QuantizationConfig, inputs: CalibrationInputs | N
                 outputs: Outputs | None = None, **extra) -> Context:
     inputs = inputs or CalibrationInputs()
     ctx = Context(config=config, source=model, inputs=inputs, outputs=outputs or Outputs(), **extra)
-    ctx.data = DataSource(inputs.data, keep=max(config.report_samples, ctx.outputs.fidelity_samples))
+    ctx.data = DataSource(inputs.data, keep=max(config.report_samples, ctx.outputs.fidelity_samples),
+                          spread=config.accuracy_samples)
     return ctx
 
 

@@ -542,10 +542,11 @@ def test_the_api_raises_the_same_errors(tmp_path):
 
 # -- the accuracy steps' samples -------------------------------------------------------------
 
-@settings(max_examples=25, deadline=None)
-@given(count=st.integers(1, 12), n=st.integers(1, 6), seed=st.none() | st.integers(0, 10**6),
-       form=st.sampled_from(["folder", "stack", "list"]))
-def test_the_accuracy_samples_spread_over_the_whole_source(count, n, seed, form):
+@settings(max_examples=40, deadline=None)
+@given(count=st.integers(1, 40), n=st.integers(1, 6), seed=st.none() | st.integers(0, 10**6),
+       form=st.sampled_from(["folder", "stack", "list", "iterator"]), max_samples=st.none() | st.integers(1, 30))
+def test_the_accuracy_samples_spread_over_the_whole_source(count, n, seed, form, max_samples):
+    seed = None if form == "iterator" else seed  # a one-shot iterator cannot be shuffled
     rows = np.arange(count * 6, dtype=np.float32).reshape(count, 1, 2, 3)
     spec = [InputSpec("x", F32, ("N", 2, 3))]
     with tempfile.TemporaryDirectory() as folder:
@@ -555,13 +556,23 @@ def test_the_accuracy_samples_spread_over_the_whole_source(count, n, seed, form)
             data = save_stack(Path(folder) / "stack.npy", "npy", rows[:, 0])
         else:
             data = [{"x": row} for row in rows]
-        source = DataSource(data, shuffle_seed=seed)
-        everything = [sample["x"] for _, sample in source.named_samples(spec, None)]
+        everything = [sample["x"] for _, sample in
+                      DataSource(data, shuffle_seed=seed, max_samples=max_samples).named_samples(spec, None)]
+        source = DataSource(iter(data) if form == "iterator" else data, shuffle_seed=seed, max_samples=max_samples,
+                            spread=n)
+        if form == "iterator":  # calibration reads the stream first; the picks are kept as it passes
+            assert sum(1 for _ in iter_samples(source.stream(), spec)) == len(everything)
         spread = [sample["x"] for _, sample in source.spread_samples(spec, n)]
-    # brute force: the k-th pick is the sample nearest to position k * (count - 1) / (n - 1)
-    wanted = sorted({math.floor(Fraction(k * (count - 1), n - 1) + Fraction(1, 2)) for k in range(n)}) if n > 1 else [0]
-    wanted = wanted if count > n else list(range(count))
-    assert len(spread) == min(n, count)
+    # brute force: every stride-th sample, the smallest power-of-two stride leaving <= 2n,
+    # then the k-th pick nearest to k (m - 1) / (n - 1) among those m (halves up)
+    total = len(everything)
+    stride = next(2 ** e for e in range(64) if math.ceil(total / 2 ** e) <= 2 * n)
+    kept = list(range(0, total, stride))
+    m = len(kept)
+    picks = range(m) if m <= n else (
+        [0] if n == 1 else sorted({math.floor(Fraction(k * (m - 1), n - 1) + Fraction(1, 2)) for k in range(n)}))
+    wanted = [kept[j] for j in picks]
+    assert len(spread) == min(n, total)
     assert all(np.array_equal(got, everything[i]) for got, i in zip(spread, wanted))
-    if count > 1 and n > 1:  # first and last of the source's order are both measured
+    if 1 < total <= 2 * n and n > 1:  # first and last are both measured
         assert np.array_equal(spread[0], everything[0]) and np.array_equal(spread[-1], everything[-1])
