@@ -53,7 +53,7 @@ HOMOGENEOUS = frozenset({"Relu", "LeakyRelu", "PRelu", "Clip"})  # Clip only as 
 ROUNDS = 20  # sweeps over all pairs at most
 TOLERANCE = 1e-4  # a sweep whose scales are all within this of 1 (|log s|) ends the iteration
 ABSORB_STDS = 3.0  # absorb c = mean - 3 std where the data stays above it
-TINY = 1e-12  # a channel whose weight range is below this is dead: its scale stays 1
+DEAD = 1e-9  # a channel whose weight range is below this share of its layer's largest is dead: scale 1
 
 
 @dataclass
@@ -285,6 +285,11 @@ def _pair_from(first: Layer) -> tuple[Pair | None, str | None]:
     return Pair(first, second, activation), None
 
 
+def live_channels(r1: np.ndarray, r2: np.ndarray) -> np.ndarray:
+    """The channels both layers use (weight range above ``DEAD`` of the layer's largest)."""
+    return (r1 > DEAD * r1.max(initial=0.0)) & (r2 > DEAD * r2.max(initial=0.0))
+
+
 def equalize(model: ir.Model, rounds: int = ROUNDS, tolerance: float = TOLERANCE) -> Equalization:
     """Equalize every exact pair of ``model`` in place (its initializers are replaced)."""
     pairs, skipped = find_pairs(model.graph)
@@ -294,7 +299,7 @@ def equalize(model: ir.Model, rounds: int = ROUNDS, tolerance: float = TOLERANCE
         largest = 0.0
         for pair in pairs:
             r1, r2 = pair.first.out_ranges().astype(np.float64), pair.second.in_ranges().astype(np.float64)
-            live = (r1 > TINY) & (r2 > TINY)
+            live = live_channels(r1, r2)
             scale = np.ones_like(r1)
             scale[live] = np.sqrt(r1[live] / r2[live])
             pair.first.scale_outputs(scale)
