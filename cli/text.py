@@ -63,7 +63,12 @@ def format_summary(summary, output: Path | None, rows: int = 10) -> str:
     if equalized is not None:
         absorbed = (f"; absorbed high biases of {equalized['absorbed_biases']} layers "
                     f"({equalized['absorbed_channels']} channels)" if equalized["absorbed_biases"] else "")
-        lines.append(f"equalized {equalized['pairs']} layer pairs{absorbed}")
+        db = equalized.get("output_sqnr_db") or {}
+        checked = f" ({db['equalized']:.1f} dB with, {db['not']:.1f} dB without)" if db else ""
+        if equalized.get("kept") is False:
+            lines.append(f"equalization of {equalized['pairs']} layer pairs dropped{checked}")
+        else:
+            lines.append(f"equalized {equalized['pairs']} layer pairs{absorbed}{checked}")
     calib = summary.get("calibration")
     if calib and calib["method"] != "none":
         lines.append(f"calibration: {calib['method'].lower()} over {calib['samples']} samples, "

@@ -412,3 +412,49 @@ def test_saved_states_are_of_the_equalized_model(tmp_path):
     assert "equalize" in ran and "absorb_high_bias" not in ran
     with pytest.raises(CalibrationDataError, match="different model"):
         quantize_model(model, None, load_calibration=[state], config=QuantizationConfig(equalize=False))
+
+
+def _balanced_activations_model() -> onnx.ModelProto:
+    """A depthwise 1x1 Conv that evens out input channels of very different sizes, Relu, a
+    1x1 Conv: the activation between them is balanced and its weights are not, so
+    balancing the weights makes its channels 100x apart under one scale."""
+    rng = np.random.default_rng(11)
+    c = 8
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["y1"], name="first", group=c),
+             helper.make_node("Relu", ["y1"], ["h1"], name="act"),
+             helper.make_node("Conv", ["h1", "w2", "b2"], ["y"], name="second")]
+    w1 = (1.0 / np.geomspace(100.0, 0.01, c)).reshape(c, 1, 1, 1).astype(np.float32)
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, SIZE, SIZE])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, SIZE, SIZE])],
+                      [_init("w1", w1), _init("b1", np.zeros(c, np.float32)),
+                       _init("w2", rng.normal(0, 1, (4, c, 1, 1)).astype(np.float32)),
+                       _init("b2", np.zeros(4, np.float32))])
+
+
+def _scaled_samples(count: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    sizes = np.geomspace(100.0, 0.01, 8).reshape(1, 8, 1, 1)
+    return [{"x": (rng.normal(0, 1, (1, 8, SIZE, SIZE)) * sizes).astype(np.float32)} for _ in range(count)]
+
+
+@pytest.mark.parametrize("case", ["helps", "hurts"])
+def test_the_check_keeps_equalization_only_where_the_quantized_outputs_gain(case):
+    if case == "helps":
+        model, calib, exclude = _disparate_model(), _samples(8, 1, (1, 3, 12, 12)), []
+    else:  # the first layer kept float, so its disparate input is not quantized
+        model, calib, exclude = _balanced_activations_model(), _scaled_samples(8, 1), ["first"]
+    config = QuantizationConfig(method="min_max_asym", bias_correction=False, exclude=exclude)
+    plain = quantize_model(model, calib, config=config)
+    checked = quantize_model(model, calib, config=config.with_(equalize=True))
+    found = checked.summary["equalization"]
+    db = found["output_sqnr_db"]
+    assert found["pairs"] == 1 and set(db) == {"equalized", "not"}
+    changed = {s["step"]: s["changed"] for s in checked.summary["steps"]}
+    if case == "helps":
+        assert found["kept"] is True and db["equalized"] > db["not"] + 10.0
+        assert changed["check_equalization"].startswith("kept")
+    else:
+        assert found["kept"] is False and db["not"] > db["equalized"] + 3.0
+        assert changed["check_equalization"].startswith("dropped")
+        sample = calib[0]  # dropped: the very model of the run without it
+        np.testing.assert_array_equal(run(checked.model, sample), run(plain.model, sample))

@@ -151,6 +151,15 @@ class Equalization:
     rounds: int = 0
     absorbed: dict[str, int] = field(default_factory=dict)  # first layer -> channels absorbed
     absorb_skipped: dict[str, str] = field(default_factory=dict)  # first layer -> why not absorbed
+    original: list = field(default_factory=list)  # (value, tensor) before any change: what ``revert`` restores
+    unequalized: onnx.ModelProto | None = None  # the stage-1 model before (the pipeline's check may return to it)
+    kept: bool | None = None  # whether the pipeline's check kept it (None: not checked)
+    output_sqnr_db: dict = field(default_factory=dict)  # the check's output SQNR with and without
+
+    def revert(self) -> None:
+        """Put every changed initializer back (the IR nodes stay those the plan reads)."""
+        for value, tensor in self.original:
+            value.const_value = tensor
 
     def summary(self) -> dict:
         reasons = collections.Counter(self.skipped.values())
@@ -158,7 +167,8 @@ class Equalization:
         return {"pairs": len(self.pairs), "equalized": [list(p.names) for p in self.pairs],
                 "rounds": self.rounds, "skipped": dict(reasons.most_common()),
                 "absorbed_biases": len(self.absorbed), "absorbed_channels": int(sum(self.absorbed.values())),
-                "absorb_skipped": dict(absorb_reasons.most_common())}
+                "absorb_skipped": dict(absorb_reasons.most_common()), "kept": self.kept,
+                "output_sqnr_db": {k: round(v, 2) for k, v in self.output_sqnr_db.items()}}
 
 
 def _attr(node: ir.Node, name: str, default):
@@ -294,6 +304,9 @@ def equalize(model: ir.Model, rounds: int = ROUNDS, tolerance: float = TOLERANCE
     """Equalize every exact pair of ``model`` in place (its initializers are replaced)."""
     pairs, skipped = find_pairs(model.graph)
     result = Equalization(pairs=pairs, skipped=skipped)
+    changed = {id(v): v for pair in pairs for layer in (pair.first, pair.second) for v in (layer.weight, layer.bias)
+               if v is not None}  # biases too: absorption changes them
+    result.original = [(v, v.const_value) for v in changed.values()]
     while pairs and result.rounds < rounds:
         result.rounds += 1
         largest = 0.0
