@@ -95,7 +95,7 @@ def evaluate(name: str, task, work: Path, configs: list[str]) -> list[dict]:
         row = {"model": name, "config": label, "metric": metric, "sqnr_db": sqnr_db(float_outputs, outputs),
                "cosine": cosine(float_outputs, outputs),
                "seconds": seconds, "changed": {s["step"]: s["changed"] for s in result.summary["steps"]
-                                               if s["step"] in ("choose_ranges", "correct_bias", "equalize", "absorb_high_bias",
+                                               if s["step"] in ("choose_ranges", "correct_bias", "equalize", "absorb_high_bias", "check_equalization",
                                                                 "keep_normalization_float") and s["changed"]}}
         rows.append(row)
         print(f"[{name}] {label}: {task.metric} {metric:.3f}, SQNR {row['sqnr_db']:.2f} dB, "

@@ -115,7 +115,8 @@ class QuantizationConfig:
     outputs are closer to float with it.
     equalize: cross-layer equalization of Conv/Gemm/MatMul pairs joined by Relu-like
     activations (exact in float) before calibration, with high-bias absorption measured on
-    `accuracy_samples` samples (algorithms/equalization.py).
+    `accuracy_samples` samples (algorithms/equalization.py); kept only if the quantized
+    model's outputs are at least as close to float with it.
     percentile: for the PERCENTILE methods, in (0, 100].
     input_shapes: fixed shapes for dynamic inputs, ``{"x": (1, 3, 224, 224)}``.
     target: the backend to quantize for: a preset name ("ort-cpu", the default, resolved
