@@ -458,3 +458,22 @@ def test_the_check_keeps_equalization_only_where_the_quantized_outputs_gain(case
         assert changed["check_equalization"].startswith("dropped")
         sample = calib[0]  # dropped: the very model of the run without it
         np.testing.assert_array_equal(run(checked.model, sample), run(plain.model, sample))
+
+
+def test_cli_shards_calibrated_with_equalize_serve_an_equalized_run(tmp_path):
+    from click.testing import CliRunner
+
+    from conftest import SAMPLE_CALIB, SAMPLE_MODEL
+    from quantizer.cli.main import cli
+
+    runner, shards = CliRunner(), []
+    for i in range(2):
+        shards += ["--load-calibration", str(tmp_path / f"s{i}.npz")]
+        r = runner.invoke(cli, ["calibrate", str(SAMPLE_MODEL), "--data", str(SAMPLE_CALIB), "--equalize",
+                                "--save-calibration", shards[-1], "--shard", f"{i}/2", "-q"])
+        assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, [str(SAMPLE_MODEL), "--equalize", *shards, "-o", str(tmp_path / "q.onnx")])
+    assert r.exit_code == 0, r.output
+    assert "equalized 1 layer pairs" in r.output
+    r = runner.invoke(cli, [str(SAMPLE_MODEL), *shards, "-o", str(tmp_path / "p.onnx"), "-q"])
+    assert r.exit_code == 4 and "different model" in r.output  # states of the equalized model only

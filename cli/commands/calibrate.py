@@ -58,7 +58,8 @@ def calibrate(model, data, save_calibration, shard, target, exclude, input_shape
         if not save_calibration:
             raise UsageError("--save-calibration is required: the state file to write")
         config = QuantizationConfig(input_shapes=options.parse_shapes(input_shapes), target=target, exclude=exclude,
-                                    show_progress=False if quiet else None, equalize=bool(equalize))
+                                    show_progress=False if quiet else None,
+                                    **({} if equalize is None else {"equalize": equalize}))
         data_arg = options.data_argument(data, {**data_forms, "shard": parse_shard(shard)})
         with options.cluster(workers, scheduler) as client:
             ctx = pipeline.run(pipeline.new_context(model, config, CalibrationInputs(data_arg),
