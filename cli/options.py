@@ -20,7 +20,7 @@ FLAGS = {
     "method": "--calib", "methods": "--calib", "percentile": "--percentile", "input_shapes": "--input-shape",
     "target": "--target", "activation_dtype": "--activation-dtype", "weight_range": "--weight-range", "exclude": "--exclude",
     "protect=False": "--no-protect", "protect_normalization": "--no-protect-normalization",
-    "bias_correction": "--bias-correction", "accuracy_samples": "--accuracy-samples", "report_samples": "--report-samples", "range_overrides": "--input-range",
+    "bias_correction": "--bias-correction", "equalize": "--equalize", "accuracy_samples": "--accuracy-samples", "report_samples": "--report-samples", "range_overrides": "--input-range",
     "min_sqnr_db": "--min-sqnr", "strict": "--strict", "fidelity_samples": "--fidelity-samples", "model": "-o", "report": "--report", "save_ranges": "--save-ranges",
     "save_calibration": "--save-calibration", "max_trials": "--max-trials", "tolerable_loss": "--tolerable-loss",
     "ranges": "--ranges", "load_calibration": "--load-calibration",
@@ -92,6 +92,9 @@ no_protect_normalization = click.option(
 bias_correction = click.option("--bias-correction/--no-bias-correction", default=None,
                                help="Fold the mean output shift that weight rounding causes into each Conv/Gemm "
                                     "bias, kept if the outputs get closer to float [default: on].")
+equalize = click.option("--equalize/--no-equalize", default=None,
+                        help="Cross-layer equalization of Conv/Gemm/MatMul pairs joined by Relu-like activations "
+                             "(exact in float), with high-bias absorption, before calibration [default: off].")
 accuracy_samples = click.option("--accuracy-samples", type=click.IntRange(min=1), default=None, metavar="N",
                                 help="Calibration samples --calib auto and --bias-correction measure on "
                                      "[default: 4].")
@@ -203,16 +206,18 @@ def mode_config(mode, weight_bits=None, block_size=None, weight_symmetric=False,
 
 # What `run` and `tune` both take.
 QUANTIZATION = option_group(data, DATA_OPTIONS, output, target, percentile, activation_dtype, weight_range, exclude,
-                            no_protect, no_protect_normalization, bias_correction, accuracy_samples, report, quiet,
-                            input_shape, strict, fidelity_samples, CLUSTER, debug)
+                            no_protect, no_protect_normalization, bias_correction, equalize, accuracy_samples, report,
+                            quiet, input_shape, strict, fidelity_samples, CLUSTER, debug)
 
 
 def accuracy_steps(no_protect_normalization: bool, bias_correction: bool | None,
-                   accuracy_samples: int | None) -> dict:
+                   accuracy_samples: int | None, equalize: bool | None = None) -> dict:
     """The accuracy-step parameters the flags set (unset flags leave the defaults)."""
     chosen = {"protect_normalization": False} if no_protect_normalization else {}
     if bias_correction is not None:
         chosen["bias_correction"] = bias_correction
+    if equalize is not None:
+        chosen["equalize"] = equalize
     if accuracy_samples is not None:
         chosen["accuracy_samples"] = accuracy_samples
     return chosen

@@ -59,6 +59,16 @@ def format_summary(summary, output: Path | None, rows: int = 10) -> str:
             lines.append(f"  {len(names):4d} x {for_cli(reason)}: {_names(names)}")
     size = summary["size_bytes"]
     lines.append(f"size: {size['before'] / 1e6:.2f} MB -> {size['after'] / 1e6:.2f} MB")
+    equalized = summary.get("equalization")
+    if equalized is not None:
+        absorbed = (f"; absorbed high biases of {equalized['absorbed_biases']} layers "
+                    f"({equalized['absorbed_channels']} channels)" if equalized["absorbed_biases"] else "")
+        db = equalized.get("output_sqnr_db") or {}
+        checked = f" ({db['equalized']:.1f} dB with, {db['not']:.1f} dB without)" if db else ""
+        if equalized.get("kept") is False:
+            lines.append(f"equalization of {equalized['pairs']} layer pairs dropped{checked}")
+        else:
+            lines.append(f"equalized {equalized['pairs']} layer pairs{absorbed}{checked}")
     calib = summary.get("calibration")
     if calib and calib["method"] != "none":
         lines.append(f"calibration: {calib['method'].lower()} over {calib['samples']} samples, "

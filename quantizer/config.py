@@ -114,6 +114,10 @@ class QuantizationConfig:
     bias_correction: subtract from each Conv/Gemm bias the mean output shift its weight
     rounding causes (algorithms/bias_correction.py), kept only if the quantized model's
     outputs are closer to float with it.
+    equalize: cross-layer equalization of Conv/Gemm/MatMul pairs joined by Relu-like
+    activations (exact in float) before calibration, with high-bias absorption measured on
+    `accuracy_samples` samples (algorithms/equalization.py); kept only if the quantized
+    model's outputs are at least as close to float with it.
     percentile: for the PERCENTILE methods, in (0, 100].
     input_shapes: fixed shapes for dynamic inputs, ``{"x": (1, 3, 224, 224)}``.
     target: the backend to quantize for: a preset name ("ort-cpu", the default, resolved
@@ -161,6 +165,7 @@ class QuantizationConfig:
     protect: bool = True
     protect_normalization: bool = True
     bias_correction: bool = True
+    equalize: bool = False
     report_samples: int = 0
     range_overrides: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     show_progress: bool | None = None

@@ -1,6 +1,7 @@
 """The pipeline: one declared list of steps over one context.
 
-    load -> refuse_quantized -> check_outputs -> check_names -> optimize -> resolve_scope -> keep_normalization_float -> check_stage1
+    load -> refuse_quantized -> check_outputs -> check_names -> optimize -> equalize -> absorb_high_bias
+    -> resolve_scope -> keep_normalization_float -> check_stage1 -> check_equalization
     -> prepare_calibration -> verify_stage1 -> collect -> save_calibration -> correct_bias
     -> check_bias_correction -> choose_ranges -> compute_ranges -> protect -> insert_qdq
     -> refuse_float_copy -> tensor_report -> save_ranges -> write_model -> fusion_report -> summarize
@@ -43,7 +44,7 @@ from .checks import (
     refuse_ambiguous_names,
     refuse_quantized,
 )
-from .algorithms import bias_correction, loss_aware
+from .algorithms import bias_correction, equalization, loss_aware
 from quantizer.calibrators import CalibrationMethod, range_errors
 from .config import AUTO, CalibrationInputs, Outputs, QuantizationConfig, method_name
 from .context import Context, Written
@@ -132,6 +133,62 @@ def _optimize(ctx: Context) -> str:
     return f"{len(ctx.stage1.graph.node)} nodes" + (" (conservative: no optimizer)" if ctx.conservative else "")
 
 
+def _equalize(ctx: Context) -> str | None:
+    """Cross-layer equalization of the stage-1 model (exact in float), before calibration."""
+    unequalized = ctx.stage1
+    ctx.equalization = equalization.equalize(ctx.model)
+    if not ctx.equalization.pairs:
+        return None
+    ctx.equalization.unequalized = unequalized
+    ctx.stage1 = ir.to_proto(ctx.model)
+    return f"equalized {len(ctx.equalization.pairs)} layer pairs ({ctx.equalization.rounds} rounds)"
+
+
+def _absorbs(ctx: Context) -> bool:
+    """High-bias absorption measures on the run's own samples, so only where this run
+    calibrates from them: saved states and given ranges are of the model without it."""
+    return (ctx.config.equalize and ctx.equalization is not None and bool(ctx.equalization.pairs)
+            and ctx.inputs.ranges is None and not ctx.inputs.states and ctx.data.source is not None)
+
+
+def _absorb_high_bias(ctx: Context) -> str | None:
+    samples = _accuracy_samples(ctx)
+    if not samples:
+        return None
+    equalization.absorb_high_bias(ctx.model, ctx.stage1, ctx.equalization, samples, sizes=_tensor_bytes(ctx))
+    if not ctx.equalization.absorbed:
+        return None
+    ctx.stage1 = ir.to_proto(ctx.model)
+    return (f"absorbed high biases of {len(ctx.equalization.absorbed)} layers "
+            f"({sum(ctx.equalization.absorbed.values())} channels)")
+
+
+def _check_equalization(ctx: Context) -> str:
+    """Keep the equalized model only if, quantized, its outputs are at least as close to
+    float as the model's without equalization: both calibrated on the accuracy samples
+    and ranged by the method (mse for ``auto``), run on them.  Balancing weight ranges
+    can leave the activations between the layers with more disparate channels."""
+    found = ctx.equalization
+    samples = _accuracy_samples(ctx)
+    references = _float_references(ctx, samples)
+    keep = ctx.excluded | set(ctx.keep_float)
+    method = _auto_fallback(ctx) if ctx.config.method == AUTO else ctx.config.method
+    for name, model in (("equalized", ctx.stage1), ("not", found.unequalized)):
+        calibrator = Calibrator(model, method, ctx.config.percentile, show_progress=False, keep_histograms=True,
+                                tensors=ctx.plan.calibrated_tensors)
+        calibrator.collect_data(samples)
+        ranges = {**calibrator.compute_range(), **ctx.config.range_overrides}
+        outcome = _quantized(ctx, model, ranges, keep)
+        found.output_sqnr_db[name] = loss_aware.output_sqnr_db(runtime.session(outcome.model), samples, references)
+    db = found.output_sqnr_db
+    found.kept = db["equalized"] >= db["not"]
+    if not found.kept:
+        found.revert()
+        ctx.stage1 = found.unequalized
+    return (f"{'kept' if found.kept else 'dropped'}: output SQNR {db['equalized']:.1f} dB equalized, "
+            f"{db['not']:.1f} dB not")
+
+
 def _resolve_scope(ctx: Context) -> str | None:
     ctx.excluded, unmatched = resolve_exclude(ctx.model.graph, ctx.config.exclude.patterns)
     for p in unmatched:
@@ -156,15 +213,20 @@ def _check_stage1(ctx: Context) -> str:
 
 STAGE1 = (
     Step("optimize", "optimize", _optimize),
+    Step("equalize", "optimize", _equalize, lambda ctx: ctx.config.equalize),
+    Step("absorb_high_bias", "optimize", _absorb_high_bias, _absorbs),
     Step("resolve_scope", "optimize", _resolve_scope),
     Step("keep_normalization_float", "optimize", _keep_normalization_float,
          lambda ctx: ctx.config.protect_normalization),
     Step("check_stage1", "optimize", _check_stage1),
+    Step("check_equalization", "optimize", _check_equalization,
+         lambda ctx: _absorbs(ctx) and bool(_accuracy_samples(ctx))),
 )
 # What the stage-1 check re-runs when it falls back to stage 1 without the optimizer
 # (the steps of the running pipeline by these names: each mode plans its own way).
 WIDE_OPSET = 21  # QuantizeLinear/DequantizeLinear with int16/uint16
-_STAGE1_RERUN = ("optimize", "resolve_scope", "check_stage1", "prepare_calibration")
+_STAGE1_RERUN = ("optimize", "equalize", "absorb_high_bias", "resolve_scope", "check_stage1", "check_equalization",
+                 "prepare_calibration")
 
 
 # -- stage 2 ---------------------------------------------------------------------------
@@ -619,7 +681,9 @@ FINISH = (
 PIPELINE = PREPARE + QUANTIZE + FINISH
 # Stage 2 alone (one shard of the data, say): the calibration state, saved and committed.
 # Stage 2 alone (`quantize calibrate`): the state is of the stage-1 model, so nothing corrects it.
-CALIBRATE = tuple(s for s in PREPARE if s.name != "correct_bias") + (Step("commit", "write", _commit),)
+# High-bias absorption measures on the run's first samples, which differ from shard to shard.
+CALIBRATE = tuple(s for s in PREPARE if s.name not in ("correct_bias", "absorb_high_bias", "check_equalization")) + (
+    Step("commit", "write", _commit),)
 
 
 # -- the other modes: weights first, no activation ranges --------------------------------
@@ -681,7 +745,8 @@ def _replaced(steps: Sequence[Step], by: Mapping[str, Step | None]) -> tuple[Ste
     return tuple(by[s.name] if s.name in by else s for s in steps if by.get(s.name, s) is not None)
 
 
-_NO_CALIBRATION = {"prepare_calibration": None, "collect": None, "save_calibration": None, "correct_bias": None}
+_NO_CALIBRATION = {"prepare_calibration": None, "collect": None, "save_calibration": None, "correct_bias": None,
+                   "equalize": None, "absorb_high_bias": None, "check_equalization": None}
 _NO_RANGES = {"tensor_report": None, "save_ranges": None}
 DYNAMIC_PIPELINE = (
     *_replaced(PREPARE, {**_NO_CALIBRATION, "check_stage1": _check_weighted_plan(_dynamic_plan)}),

@@ -96,6 +96,7 @@ class Summary(Mapping):
     target: dict | None = None  # the resolved target (targets.Target.as_dict())
     fusion: dict | None = None  # what onnxruntime runs in integer kernels (fusion.FusionReport)
     mode: str = "static"
+    equalization: dict | None = None  # cross-layer equalization: pairs, skipped chains, absorbed biases
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -105,7 +106,8 @@ class Summary(Mapping):
             "calibration": self.calibration.as_dict(), "protected": [dict(p) for p in self.protected],
             "steps": [dict(s) for s in self.steps], "versions": dict(self.versions), "mode": self.mode,
         }
-        for name in ("input", "output", "tensors", "report_samples", "fidelity", "autotune", "input_sha256", "target", "fusion"):
+        for name in ("input", "output", "tensors", "report_samples", "fidelity", "autotune", "input_sha256", "target", "fusion",
+                     "equalization"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -186,4 +188,5 @@ def build_summary(ctx) -> Summary:
         target=outcome.target.as_dict() if outcome.target is not None else None,
         fusion=ctx.fusion.as_dict() if ctx.fusion is not None else None,
         mode=ctx.config.mode,
+        equalization=ctx.equalization.summary() if ctx.equalization is not None else None,
     )

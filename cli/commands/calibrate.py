@@ -42,14 +42,15 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
 @options.target
 @options.exclude
 @options.input_shape
+@options.equalize
 @options.quiet
 @options.CLUSTER
 @options.debug
-def calibrate(model, data, save_calibration, shard, target, exclude, input_shapes, quiet, workers, scheduler, debug,
-              **data_forms):
+def calibrate(model, data, save_calibration, shard, target, exclude, input_shapes, equalize, quiet, workers, scheduler,
+              debug, **data_forms):
     """Run stage 2 only (one shard of the data) and save the calibration state; merge the
     shards' states with `quantize MODEL --load-calibration S0 --load-calibration S1 ...`.
-    --target, --exclude and --input-shape must be those of the later run."""
+    --target, --exclude, --input-shape and --equalize must be those of the later run."""
 
     def action():
         if not data:
@@ -57,7 +58,8 @@ def calibrate(model, data, save_calibration, shard, target, exclude, input_shape
         if not save_calibration:
             raise UsageError("--save-calibration is required: the state file to write")
         config = QuantizationConfig(input_shapes=options.parse_shapes(input_shapes), target=target, exclude=exclude,
-                                    show_progress=False if quiet else None)
+                                    show_progress=False if quiet else None,
+                                    **({} if equalize is None else {"equalize": equalize}))
         data_arg = options.data_argument(data, {**data_forms, "shard": parse_shard(shard)})
         with options.cluster(workers, scheduler) as client:
             ctx = pipeline.run(pipeline.new_context(model, config, CalibrationInputs(data_arg),

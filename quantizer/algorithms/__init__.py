@@ -5,4 +5,6 @@
 - ``loss_aware``: choose each tensor's range among candidates by the error of the block
   that consumes it (the ``auto`` calibration method).
 - ``bias_correction``: fold the output shift that weight rounding causes into the bias.
+- ``equalization``: cross-layer equalization of layer pairs and high-bias absorption
+  (stage 1, before calibration; exact in float).
 """
