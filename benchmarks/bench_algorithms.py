@@ -42,6 +42,8 @@ CONFIGS = {
     "mse_asym + bias correction": {"method": "mse_asym"},
     "default": {},  # auto + bias correction (checked)
     "no normalization protection": {"protect_normalization": False},
+    "no smooth quant": {"smooth_quant": False},  # default without SmoothQuant
+    "smooth quant alpha 0.5": {"smooth_alpha": 0.5},  # SmoothQuant's paper default, no search
 }
 DEFAULT_CONFIGS = "min_max_asym,entropy_asym,mse_asym,percentile_asym,auto without bias correction,default"
 
@@ -94,7 +96,7 @@ def evaluate(name: str, task, work: Path, configs: list[str]) -> list[dict]:
         row = {"model": name, "config": label, "metric": metric, "sqnr_db": sqnr_db(float_outputs, outputs),
                "cosine": cosine(float_outputs, outputs),
                "seconds": seconds, "changed": {s["step"]: s["changed"] for s in result.summary["steps"]
-                                               if s["step"] in ("choose_ranges", "correct_bias",
+                                               if s["step"] in ("choose_ranges", "correct_bias", "smooth_quant",
                                                                 "keep_normalization_float") and s["changed"]}}
         rows.append(row)
         print(f"[{name}] {label}: {task.metric} {metric:.3f}, SQNR {row['sqnr_db']:.2f} dB, "

@@ -1,7 +1,7 @@
 """The pipeline: one declared list of steps over one context.
 
     load -> refuse_quantized -> check_outputs -> check_names -> optimize -> resolve_scope -> keep_normalization_float -> check_stage1
-    -> prepare_calibration -> verify_stage1 -> collect -> save_calibration -> correct_bias
+    -> prepare_calibration -> verify_stage1 -> smooth_quant -> collect -> save_calibration -> correct_bias
     -> check_bias_correction -> choose_ranges -> compute_ranges -> protect -> insert_qdq
     -> refuse_float_copy -> tensor_report -> save_ranges -> write_model -> fusion_report -> summarize
     -> write_report -> commit
@@ -43,7 +43,7 @@ from .checks import (
     refuse_ambiguous_names,
     refuse_quantized,
 )
-from .algorithms import bias_correction, loss_aware
+from .algorithms import bias_correction, loss_aware, smooth_quant
 from quantizer.calibrators import CalibrationMethod, range_errors
 from .config import AUTO, CalibrationInputs, Outputs, QuantizationConfig, method_name
 from .context import Context, Written
@@ -285,6 +285,43 @@ def _correct_bias(ctx: Context) -> str | None:
     ctx.bias_corrections = corrections
     summary = corrections.summary()
     return f"{summary['corrected']} biases corrected (median shift {summary['median_relative_shift']:.2%} of the output RMS)"
+
+
+def _smooths(ctx: Context) -> bool:
+    return ctx.config.smooth_quant and _calibrates(ctx) and ctx.data.source is not None
+
+
+def _smooth_quant(ctx: Context) -> str | None:
+    """SmoothQuant, before calibration: the ranges are then calibrated on the smoothed model.
+    A state saved or merged in this run must be of the stage-1 model, so it is skipped then."""
+    keep = ctx.excluded | set(ctx.keep_float)
+    if ctx.inputs.states or ctx.outputs.save_calibration is not None:
+        if smooth_quant.candidates(ctx.stage1, ctx.plan, keep, ctx.config.smooth_insert):
+            ctx.notes.append("SmoothQuant skipped: a calibration state saved or loaded in a run is of the "
+                             "unsmoothed model")
+        return None
+    samples = _accuracy_samples(ctx)
+    target = ctx.config.resolved_target
+    smoothed, ctx.smoothing = smooth_quant.smooth(
+        ctx.stage1, ctx.plan, target.activations, target.weights, samples, alpha=ctx.config.smooth_alpha,
+        keep=keep, insert=ctx.config.smooth_insert, sizes=_tensor_bytes(ctx),
+        show_progress=ctx.config.show_progress)
+    summary = ctx.smoothing.summary()
+    if not summary["smoothed"]:
+        return None
+    unsmoothed = ctx.stage1, ctx.model, ctx.plan, ctx.calibrator, dict(ctx.keep_float)
+    ctx.keep_float.update({name: smooth_quant.REASON for name in ctx.smoothing.inserted})
+    ctx.stage1 = smoothed
+    ctx.model = ir.from_proto(smoothed)
+    ctx.plan = build_plan(ctx.model, keep | set(ctx.smoothing.inserted), target)
+    _prepare_calibration(ctx)  # the calibrator observes the smoothed model
+    problem = _stage1_difference(ctx, ctx.reference.sample) if ctx.reference is not None else None
+    if problem is not None:  # the folds must keep the float function: never quantize a changed one
+        ctx.stage1, ctx.model, ctx.plan, ctx.calibrator, ctx.keep_float = unsmoothed
+        ctx.smoothing = None
+        ctx.notes.append(f"SmoothQuant dropped: the smoothed model changed output {problem} (please report it)")
+        return "dropped: the float outputs changed"
+    return f"smoothed {summary['smoothed']} MatMul inputs (alpha median {summary['alpha_median']:g})"
 
 
 def _save_calibration(ctx: Context) -> str:
@@ -595,6 +632,7 @@ PREPARE = (
     *STAGE1,
     PREPARE_CALIBRATION,
     Step("verify_stage1", "calibrate", _verify_stage1, lambda ctx: ctx.data.source is not None),
+    Step("smooth_quant", "calibrate", _smooth_quant, _smooths),
     Step("collect", "calibrate", _collect, lambda ctx: _calibrates(ctx) and ctx.data.source is not None),
     Step("save_calibration", "calibrate", _save_calibration,
          lambda ctx: _calibrates(ctx) and ctx.outputs.save_calibration is not None),
@@ -614,7 +652,7 @@ FINISH = (
 PIPELINE = PREPARE + QUANTIZE + FINISH
 # Stage 2 alone (one shard of the data, say): the calibration state, saved and committed.
 # Stage 2 alone (`quantize calibrate`): the state is of the stage-1 model, so nothing corrects it.
-CALIBRATE = tuple(s for s in PREPARE if s.name != "correct_bias") + (Step("commit", "write", _commit),)
+CALIBRATE = tuple(s for s in PREPARE if s.name not in ("correct_bias", "smooth_quant")) + (Step("commit", "write", _commit),)
 
 
 # -- the other modes: weights first, no activation ranges --------------------------------
@@ -676,7 +714,8 @@ def _replaced(steps: Sequence[Step], by: Mapping[str, Step | None]) -> tuple[Ste
     return tuple(by[s.name] if s.name in by else s for s in steps if by.get(s.name, s) is not None)
 
 
-_NO_CALIBRATION = {"prepare_calibration": None, "collect": None, "save_calibration": None, "correct_bias": None}
+_NO_CALIBRATION = {"prepare_calibration": None, "collect": None, "save_calibration": None, "correct_bias": None,
+                   "smooth_quant": None}
 _NO_RANGES = {"tensor_report": None, "save_ranges": None}
 DYNAMIC_PIPELINE = (
     *_replaced(PREPARE, {**_NO_CALIBRATION, "check_stage1": _check_weighted_plan(_dynamic_plan)}),

@@ -5,4 +5,6 @@
 - ``loss_aware``: choose each tensor's range among candidates by the error of the block
   that consumes it (the ``auto`` calibration method).
 - ``bias_correction``: fold the output shift that weight rounding causes into the bias.
+- ``smooth_quant``: move per-channel outliers of MatMul/Gemm inputs into the weight rows
+  (SmoothQuant), folded into the op that produces the input; before calibration.
 """
