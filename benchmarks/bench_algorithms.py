@@ -44,6 +44,7 @@ CONFIGS = {
     "no normalization protection": {"protect_normalization": False},
     "no smooth quant": {"smooth_quant": False},  # default without SmoothQuant
     "smooth quant alpha 0.5": {"smooth_alpha": 0.5},  # SmoothQuant's paper default, no search
+    "smooth quant with inserted Mul": {"smooth_insert": True},  # also where no fold exists (a float Mul)
 }
 DEFAULT_CONFIGS = "min_max_asym,entropy_asym,mse_asym,percentile_asym,auto without bias correction,default"
 
