@@ -309,6 +309,7 @@ def _smooth_quant(ctx: Context) -> str | None:
     summary = ctx.smoothing.summary()
     if not summary["smoothed"]:
         return None
+    _float_references(ctx, samples)  # of the unsmoothed model: the reference of every check
     unsmoothed = ctx.stage1, ctx.model, ctx.plan, ctx.calibrator, dict(ctx.keep_float)
     ctx.keep_float.update({name: smooth_quant.REASON for name in ctx.smoothing.inserted})
     ctx.stage1 = smoothed
@@ -321,7 +322,33 @@ def _smooth_quant(ctx: Context) -> str | None:
         ctx.smoothing = None
         ctx.notes.append(f"SmoothQuant dropped: the smoothed model changed output {problem} (please report it)")
         return "dropped: the float outputs changed"
-    return f"smoothed {summary['smoothed']} MatMul inputs (alpha median {summary['alpha_median']:g})"
+    scores = {name: _probe_sqnr(ctx, model, samples) for name, model in (("smoothed", smoothed),
+                                                                         ("unsmoothed", unsmoothed[0]))}
+    ctx.smoothing.output_sqnr_db = scores
+    if not scores["smoothed"] >= scores["unsmoothed"]:
+        ctx.stage1, ctx.model, ctx.plan, ctx.calibrator, ctx.keep_float = unsmoothed
+        ctx.smoothing.kept = False
+        return (f"dropped: output SQNR {scores['smoothed']:.1f} dB smoothed, {scores['unsmoothed']:.1f} dB not "
+                f"({summary['smoothed']} MatMul inputs)")
+    ctx.smoothing.kept = True
+    return (f"smoothed {summary['smoothed']} MatMul inputs (alpha median {summary['alpha_median']:g}); "
+            f"output SQNR {scores['smoothed']:.1f} dB smoothed, {scores['unsmoothed']:.1f} dB not")
+
+
+def _probe_sqnr(ctx: Context, model: onnx.ModelProto, samples: list[dict]) -> float:
+    """SmoothQuant's check: the output SQNR of ``model`` quantized with ranges from the
+    accuracy samples alone (the method's, mse for auto), on those samples."""
+    keep = ctx.excluded | set(ctx.keep_float)
+    plan = build_plan(ir.from_proto(model), keep, ctx.config.resolved_target)
+    method = CalibrationMethod.MSE_ASYM if ctx.config.method == AUTO else ctx.config.method
+    if ctx.config.resolved_target.activations.symmetric and method.family == "MSE":
+        method = CalibrationMethod.MSE_SYM
+    probe = Calibrator(model, method, ctx.config.percentile, show_progress=False, keep_histograms=True,
+                       tensors=plan.calibrated_tensors)
+    probe.collect_data(samples)
+    ranges = {**probe.compute_range(), **ctx.config.range_overrides}
+    outcome = _quantized(ctx, model, ranges, keep)
+    return loss_aware.output_sqnr_db(runtime.session(outcome.model), samples, _float_references(ctx, samples))
 
 
 def _save_calibration(ctx: Context) -> str:

@@ -115,6 +115,46 @@ def test_folds_keep_the_float_function(kind, k, n, alpha, seed):
     onnx.checker.check_model(smoothed, full_check=True)
 
 
+def _attention_model(heads: int, depth: int, seed: int) -> onnx.ModelProto:
+    """y = merge_heads(softmax(s) @ split_heads(x Wv + bv)) Wo: the attention output projection."""
+    rng = np.random.default_rng(seed)
+    k = heads * depth
+    nodes = [helper.make_node("MatMul", ["x", "wv"], ["v0"], name="value"),
+             helper.make_node("Add", ["v0", "bv"], ["v"], name="value_bias"),
+             helper.make_node("Reshape", ["v", "split_shape"], ["v4"], name="split"),
+             helper.make_node("Transpose", ["v4"], ["vh"], name="to_heads", perm=[0, 2, 1, 3]),
+             helper.make_node("Softmax", ["s"], ["p"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["p", "vh"], ["ctx"], name="mix"),
+             helper.make_node("Transpose", ["ctx"], ["ct"], name="from_heads", perm=[0, 2, 1, 3]),
+             helper.make_node("Reshape", ["ct", "merge_shape"], ["t"], name="merge"),
+             helper.make_node("MatMul", ["t", "wo"], ["y"], name="reader")]
+    wv = rng.normal(0, 0.3, (k, k)).astype(np.float32)
+    wv[:, :2] *= 25  # outlier channels of the attention output
+    inits = [_init("wv", wv), _init("bv", rng.normal(0, 0.1, k).astype(np.float32)),
+             _init("split_shape", np.array([0, 0, heads, depth], np.int64)),
+             _init("merge_shape", np.array([0, 0, k], np.int64)),
+             _init("wo", rng.normal(0, 0.3, (k, 6)).astype(np.float32))]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5, k]),
+              helper.make_tensor_value_info("s", TensorProto.FLOAT, [2, heads, 5, 5])]
+    return _typed(make_model(nodes, inputs, [_y()], inits, opset=17))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.35, 1.0])
+def test_attention_output_folds_into_the_value_projection(alpha):
+    """Channel j of the merged heads is channel j of V: X / s goes into Wv's columns and bv."""
+    model = _attention_model(4, 3, 2)
+    rng = np.random.default_rng(9)
+    feed = {"x": rng.normal(0, 1, (2, 5, 12)).astype(np.float32),
+            "s": rng.normal(0, 2, (2, 4, 5, 5)).astype(np.float32)}
+    smoothed, result = _smooth(model, [feed], alpha=alpha)
+    assert result.alphas == {"t": alpha}
+    assert [n.op_type for n in smoothed.graph.node] == [n.op_type for n in model.graph.node]
+    changed = {t.name for t, u in zip(smoothed.graph.initializer, model.graph.initializer) if t != u}
+    assert changed == {"wv", "bv", "wo"}
+    expected = run(model, feed)
+    np.testing.assert_allclose(run(smoothed, feed), expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+
+
 def test_a_shared_initializer_gets_its_own_copy():
     """The scalar of a Mul read by two nodes: the smoothed one reads a copy, the other the original."""
     rng = np.random.default_rng(3)
@@ -219,6 +259,7 @@ def test_smoothing_raises_the_quantized_output_sqnr_on_outlier_channels():
         assert ("smooth_quant" in steps) == smooth
     assert steps["smooth_quant"].startswith("smoothed 1 MatMul inputs (alpha median ")
     assert result.summary["calibration"]["smooth_quant"]["smoothed"] == 1
+    assert result.summary["calibration"]["smooth_quant"]["kept"] is True
     assert [n.op_type for n in result.model.graph.node].count("Mul") == 0  # folded into the LayerNorm
     assert scores[True] > scores[False] + 1.5, scores
 

@@ -61,6 +61,8 @@ class Smoothing:
     skipped: dict[str, str] = field(default_factory=dict)  # tensor -> why it was left alone
     scales: dict[str, np.ndarray] = field(default_factory=dict)  # tensor -> s (per input channel)
     inserted: list[str] = field(default_factory=list)  # Mul nodes added where no fold exists
+    kept: bool | None = None  # whether the pipeline's whole-model check kept the smoothing
+    output_sqnr_db: dict = field(default_factory=dict)  # the check's output SQNR smoothed and not
 
     def summary(self) -> dict:
         alphas = sorted(self.alphas.values())
@@ -68,7 +70,9 @@ class Smoothing:
         for why in self.skipped.values():
             reasons[why] = reasons.get(why, 0) + 1
         ratios = [self.error_ratio[t] for t in self.alphas]
-        return {"smoothed": len(alphas), "alpha_median": round(float(np.median(alphas)), 3) if alphas else None,
+        return {"smoothed": len(alphas), "kept": self.kept,
+                "output_sqnr_db": {k: round(v, 2) for k, v in self.output_sqnr_db.items()},
+                "alpha_median": round(float(np.median(alphas)), 3) if alphas else None,
                 "median_error_ratio": round(float(np.median(ratios)), 4) if ratios else None,
                 "skipped": dict(sorted(reasons.items()))}
 
@@ -155,14 +159,75 @@ def _fold(graph: _Graph, tensor: str, k: int) -> _Fold | None:
         if len(constants) != 1:
             return None
         inner = [n for n in producer.input if n not in inits][0]
-        if len(graph.consumers.get(inner, ())) != 1 or inner not in graph.producer \
+        if len(_readers_of_values(graph, inner)) != 1 or inner not in graph.producer \
                 or inner in {o.name for o in graph.model.graph.output}:
             return None
         if not _per_channel(graph, constants[0], k):
             return None
         fold = _fold_linear(graph, graph.nodes[graph.producer[inner]], k)
         return None if fold is None else _Fold(fold.producer, fold.divide_last + (constants[0],), fold.divide_rows)
+    if producer.op_type == "Reshape":
+        return _fold_heads(graph, tensor, k)
     return _fold_linear(graph, producer, k)
+
+
+def _dims(graph: _Graph, name: str) -> list | None:
+    kind = graph.types.get(name)
+    if kind is None or not kind.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in kind.tensor_type.shape.dim]
+
+
+def _readers_of_values(graph: _Graph, name: str) -> list[int]:
+    """The readers of ``name`` that read its values (a Shape reads only its shape, which
+    smoothing does not change)."""
+    return [i for i in graph.consumers.get(name, ()) if graph.nodes[i].op_type != "Shape"]
+
+
+def _only_reader(graph: _Graph, name: str, op_type: str) -> onnx.NodeProto | None:
+    """The producer of ``name`` when it is an ``op_type`` and ``name`` has one reader and
+    is no graph output."""
+    if name not in graph.producer or len(_readers_of_values(graph, name)) != 1 \
+            or name in {o.name for o in graph.model.graph.output}:
+        return None
+    node = graph.nodes[graph.producer[name]]
+    return node if node.op_type == op_type else None
+
+
+def _fold_heads(graph: _Graph, tensor: str, k: int) -> _Fold | None:
+    """Multi-head attention's output, X = merge_heads(P @ split_heads(V)), V = Y Wv + bv:
+    channel j of X is channel j of V (per head, P mixes tokens, not channels), so X / s
+    folds into Wv's columns and bv.  Matched on the inferred shapes: the last Reshape
+    merges [H, D] -> K, the Transposes keep D last and bring the head axis back before it,
+    the first Reshape splits K -> [H, D]."""
+    merge = graph.nodes[graph.producer[tensor]]
+    heads = _dims(graph, merge.input[0])
+    out = _dims(graph, tensor)
+    if heads is None or out is None or len(heads) < 3 or len(out) != len(heads) - 1 or out[-1] != k \
+            or None in heads[-2:] or heads[-2] * heads[-1] != k:
+        return None
+    n = len(heads)
+    back = _only_reader(graph, merge.input[0], "Transpose")
+    perm = _attrs(back).get("perm") if back is not None else None
+    if perm is None or list(perm)[-1] != n - 1:
+        return None
+    head_axis = list(perm)[n - 2]
+    mixed = _only_reader(graph, back.input[0], "MatMul")
+    if mixed is None or mixed.input[1] in graph.initializers or mixed.input[0] in graph.initializers:
+        return None
+    split = _only_reader(graph, mixed.input[1], "Transpose")
+    order = _attrs(split).get("perm") if split is not None else None
+    if order is None or len(order) != n or list(order)[n - 1] != n - 1 or list(order)[head_axis] != n - 2 \
+            or _dims(graph, mixed.input[1]) is None or len(_dims(graph, mixed.input[1])) != n:
+        return None
+    reshape = _only_reader(graph, split.input[0], "Reshape")
+    if reshape is None:
+        return None
+    split_dims, values = _dims(graph, split.input[0]), _dims(graph, reshape.input[0])
+    if split_dims is None or values is None or split_dims[-2:] != heads[-2:] or len(values) != n - 1 \
+            or values[-1] != k or len(_readers_of_values(graph, reshape.input[0])) != 1:
+        return None
+    return _fold(graph, reshape.input[0], k)
 
 
 def _fold_linear(graph: _Graph, node: onnx.NodeProto, k: int) -> _Fold | None:
