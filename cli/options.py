@@ -103,7 +103,7 @@ smooth_insert = click.option("--smooth-insert", is_flag=True, default=None,
                              help="SmoothQuant also where no fold exists, with a float Mul before the MatMul "
                                   "[default: off].")
 accuracy_samples = click.option("--accuracy-samples", type=click.IntRange(min=1), default=None, metavar="N",
-                                help="Calibration samples --calib auto and --bias-correction measure on "
+                                help="Calibration samples --calib auto, --bias-correction and --smooth-quant measure on "
                                      "[default: 4].")
 report = click.option("--report", type=click.Path(),
                       help="Write the summary with per-tensor SQNR: JSON, or with a .html name one self-contained "

@@ -280,3 +280,29 @@ def test_a_run_that_saves_its_calibration_state_does_not_smooth(tmp_path):
 def test_smooth_alpha_is_checked(alpha):
     with pytest.raises(UsageError, match="`smooth_alpha`"):
         QuantizationConfig(smooth_alpha=alpha)
+
+
+def test_cli_flags(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from quantizer.cli.main import cli
+
+    model_path, data = tmp_path / "m.onnx", tmp_path / "calib"
+    onnx.save(_outlier_layernorm_model(), model_path)
+    data.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(8):
+        np.save(data / f"s{i}.npy", rng.normal(0, 1, (1, 16, 32)).astype(np.float32))
+    base = [str(model_path), "--data", str(data), "--target", "ort-cpu-x86", "-q", "--no-bias-correction"]
+    reports = {}
+    for name, flags in (("fixed", ["--smooth-alpha", "0.5"]), ("off", ["--no-smooth-quant"])):
+        report = tmp_path / f"{name}.json"
+        result = CliRunner().invoke(cli, base + flags + ["-o", str(tmp_path / f"{name}.onnx"), "--report", str(report)])
+        assert result.exit_code == 0, result.output
+        reports[name] = json.loads(report.read_text())["calibration"]
+    assert reports["fixed"]["smooth_quant"]["alpha_median"] == 0.5 and reports["fixed"]["smooth_quant"]["smoothed"] == 1
+    assert "smooth_quant" not in reports["off"]
+    bad = CliRunner().invoke(cli, base + ["--smooth-alpha", "2", "-o", str(tmp_path / "bad.onnx")])
+    assert bad.exit_code == 2 and not (tmp_path / "bad.onnx").exists()
