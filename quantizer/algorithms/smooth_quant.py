@@ -280,8 +280,8 @@ def smoothing_factors(amax_x: np.ndarray, amax_w: np.ndarray, alpha: float) -> n
 
 
 def choose_alpha(x_rows: np.ndarray, low: np.ndarray, high: np.ndarray, weights: list[np.ndarray],
-                 readers: list[_Reader], spec, weight_spec, grid: Sequence[float] = GRID) -> tuple[float | None, float, float]:
-    """(best alpha or None for no smoothing, its layer error, the unsmoothed error)."""
+                 readers: list[_Reader], spec, weight_spec, grid: Sequence[float] = GRID) -> tuple[float, float, float]:
+    """(the alpha of ``grid`` with the smallest layer error, that error, the unsmoothed error)."""
     references = [x_rows @ w for w in weights]
     energies = [float(np.vdot(r, r)) for r in references]
     amax_x = np.maximum(np.abs(low), np.abs(high))
