@@ -43,6 +43,9 @@ CONFIGS = {
     "default": {},  # auto + bias correction (checked)
     "no normalization protection": {"protect_normalization": False},
     "equalize": {"equalize": True},  # default + cross-layer equalization with high-bias absorption
+    "no smooth quant": {"smooth_quant": False},  # default without SmoothQuant
+    "smooth quant alpha 0.5": {"smooth_alpha": 0.5},  # SmoothQuant's paper default, no search
+    "smooth quant with inserted Mul": {"smooth_insert": True},  # also where no fold exists (a float Mul)
 }
 DEFAULT_CONFIGS = "min_max_asym,entropy_asym,mse_asym,percentile_asym,auto without bias correction,default"
 
@@ -96,6 +99,7 @@ def evaluate(name: str, task, work: Path, configs: list[str]) -> list[dict]:
                "cosine": cosine(float_outputs, outputs),
                "seconds": seconds, "changed": {s["step"]: s["changed"] for s in result.summary["steps"]
                                                if s["step"] in ("choose_ranges", "correct_bias", "equalize", "absorb_high_bias", "check_equalization",
+                                                                 "smooth_quant",
                                                                 "keep_normalization_float") and s["changed"]}}
         rows.append(row)
         print(f"[{name}] {label}: {task.metric} {metric:.3f}, SQNR {row['sqnr_db']:.2f} dB, "

@@ -20,7 +20,8 @@ FLAGS = {
     "method": "--calib", "methods": "--calib", "percentile": "--percentile", "input_shapes": "--input-shape",
     "target": "--target", "activation_dtype": "--activation-dtype", "weight_range": "--weight-range", "exclude": "--exclude",
     "protect=False": "--no-protect", "protect_normalization": "--no-protect-normalization",
-    "bias_correction": "--bias-correction", "equalize": "--equalize", "accuracy_samples": "--accuracy-samples", "report_samples": "--report-samples", "range_overrides": "--input-range",
+    "bias_correction": "--bias-correction", "equalize": "--equalize", "smooth_quant": "--smooth-quant", "smooth_alpha": "--smooth-alpha",
+    "smooth_insert": "--smooth-insert", "accuracy_samples": "--accuracy-samples", "report_samples": "--report-samples", "range_overrides": "--input-range",
     "min_sqnr_db": "--min-sqnr", "strict": "--strict", "fidelity_samples": "--fidelity-samples", "model": "-o", "report": "--report", "save_ranges": "--save-ranges",
     "save_calibration": "--save-calibration", "max_trials": "--max-trials", "tolerable_loss": "--tolerable-loss",
     "ranges": "--ranges", "load_calibration": "--load-calibration",
@@ -95,8 +96,17 @@ bias_correction = click.option("--bias-correction/--no-bias-correction", default
 equalize = click.option("--equalize/--no-equalize", default=None,
                         help="Cross-layer equalization of Conv/Gemm/MatMul pairs joined by Relu-like activations "
                              "(exact in float), with high-bias absorption, before calibration [default: off].")
+smooth_quant = click.option("--smooth-quant/--no-smooth-quant", default=None,
+                            help="Divide MatMul/Gemm inputs with outlier channels by per-channel factors folded "
+                                 "into the op before them, the weight rows multiplied, where the layer's "
+                                 "quantized error drops [default: on].")
+smooth_alpha = click.option("--smooth-alpha", type=click.FloatRange(0.0, 1.0), default=None, metavar="A",
+                            help="SmoothQuant's migration strength for every layer [default: searched per layer].")
+smooth_insert = click.option("--smooth-insert", is_flag=True, default=None,
+                             help="SmoothQuant also where no fold exists, with a float Mul before the MatMul "
+                                  "[default: off].")
 accuracy_samples = click.option("--accuracy-samples", type=click.IntRange(min=1), default=None, metavar="N",
-                                help="Calibration samples --calib auto and --bias-correction measure on "
+                                help="Calibration samples --calib auto, --bias-correction and --smooth-quant measure on "
                                      "[default: 4].")
 report = click.option("--report", type=click.Path(),
                       help="Write the summary with per-tensor SQNR: JSON, or with a .html name one self-contained "
@@ -206,18 +216,19 @@ def mode_config(mode, weight_bits=None, block_size=None, weight_symmetric=False,
 
 # What `run` and `tune` both take.
 QUANTIZATION = option_group(data, DATA_OPTIONS, output, target, percentile, activation_dtype, weight_range, exclude,
-                            no_protect, no_protect_normalization, bias_correction, equalize, accuracy_samples, report,
-                            quiet, input_shape, strict, fidelity_samples, CLUSTER, debug)
+                            no_protect, no_protect_normalization, bias_correction, equalize, smooth_quant, smooth_alpha,
+                            smooth_insert, accuracy_samples, report, quiet,
+                            input_shape, strict, fidelity_samples, CLUSTER, debug)
 
 
 def accuracy_steps(no_protect_normalization: bool, bias_correction: bool | None,
-                   accuracy_samples: int | None, equalize: bool | None = None) -> dict:
-    """The accuracy-step parameters the flags set (unset flags leave the defaults)."""
+                   accuracy_samples: int | None, **flags) -> dict:
+    """The accuracy-step parameters the flags set (unset flags leave the defaults);
+    ``flags``: more of them by parameter name (equalize, smooth_quant, ...), None when unset."""
     chosen = {"protect_normalization": False} if no_protect_normalization else {}
+    chosen.update({name: value for name, value in flags.items() if value is not None})
     if bias_correction is not None:
         chosen["bias_correction"] = bias_correction
-    if equalize is not None:
-        chosen["equalize"] = equalize
     if accuracy_samples is not None:
         chosen["accuracy_samples"] = accuracy_samples
     return chosen

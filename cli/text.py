@@ -85,6 +85,12 @@ def format_summary(summary, output: Path | None, rows: int = 10) -> str:
             verdict = "kept" if corrected["kept"] else "dropped"
             lines.append(f"  bias correction: {corrected['corrected']} biases, {verdict}"
                          + (f" ({db['corrected']:.1f} dB with, {db['uncorrected']:.1f} dB without)" if db else ""))
+        smoothed = calib.get("smooth_quant")
+        if smoothed and smoothed["smoothed"]:
+            db = smoothed["output_sqnr_db"]
+            lines.append(f"  smooth quant: smoothed {smoothed['smoothed']} MatMul inputs "
+                         f"(alpha median {smoothed['alpha_median']:g}), {'kept' if smoothed['kept'] else 'dropped'}"
+                         + (f" ({db['smoothed']:.1f} dB with, {db['unsmoothed']:.1f} dB without)" if db else ""))
         for name, (low, high) in calib.get("overridden", {}).items():
             lines.append(f"  range of '{name}' set to [{low:g}, {high:g}] (--input-range)")
         for name, count in calib["nonfinite_values"].items():

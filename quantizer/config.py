@@ -118,6 +118,15 @@ class QuantizationConfig:
     activations (exact in float) before calibration, with high-bias absorption measured on
     `accuracy_samples` samples (algorithms/equalization.py); kept only if the quantized
     model's outputs are at least as close to float with it.
+    smooth_quant: SmoothQuant (algorithms/smooth_quant.py): divide each MatMul/Gemm input
+    by per-channel factors folded into the op that produces it, multiply the weight rows
+    by them, where that lowers the layer's quantized error on `accuracy_samples` samples;
+    before calibration, so the ranges are those of the smoothed model.
+    smooth_alpha: SmoothQuant's migration strength in [0, 1] for every layer (None:
+    searched per layer, and a layer is smoothed only where it measurably helps).
+    smooth_insert: SmoothQuant also where no fold exists (a Gelu, Softmax or graph input
+    produces the tensor, or it has other readers): a float Mul by 1 / s runs before the
+    MatMul/Gemm readers.
     percentile: for the PERCENTILE methods, in (0, 100].
     input_shapes: fixed shapes for dynamic inputs, ``{"x": (1, 3, 224, 224)}``.
     target: the backend to quantize for: a preset name ("ort-cpu", the default, resolved
@@ -166,6 +175,9 @@ class QuantizationConfig:
     protect_normalization: bool = True
     bias_correction: bool = True
     equalize: bool = False
+    smooth_quant: bool = True
+    smooth_alpha: float | None = None
+    smooth_insert: bool = False
     report_samples: int = 0
     range_overrides: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     show_progress: bool | None = None
@@ -186,6 +198,11 @@ class QuantizationConfig:
         set_(self, "method", parse_method(self.method))
         if isinstance(self.accuracy_samples, bool) or not isinstance(self.accuracy_samples, int) or self.accuracy_samples < 1:
             raise UsageError(f"`accuracy_samples` must be an integer >= 1, got {self.accuracy_samples!r}")
+        if self.smooth_alpha is not None:
+            if isinstance(self.smooth_alpha, bool) or not isinstance(self.smooth_alpha, (int, float)) \
+                    or not 0.0 <= self.smooth_alpha <= 1.0:
+                raise UsageError(f"`smooth_alpha` must be a number in [0, 1] or None, got {self.smooth_alpha!r}")
+            set_(self, "smooth_alpha", float(self.smooth_alpha))
         try:
             percentile = float(self.percentile)
         except (TypeError, ValueError) as exc:

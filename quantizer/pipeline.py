@@ -2,7 +2,7 @@
 
     load -> refuse_quantized -> check_outputs -> check_names -> optimize -> equalize -> absorb_high_bias
     -> resolve_scope -> keep_normalization_float -> check_stage1 -> check_equalization
-    -> prepare_calibration -> verify_stage1 -> collect -> save_calibration -> correct_bias
+    -> prepare_calibration -> verify_stage1 -> smooth_quant -> collect -> save_calibration -> correct_bias
     -> check_bias_correction -> choose_ranges -> compute_ranges -> protect -> insert_qdq
     -> refuse_float_copy -> tensor_report -> save_ranges -> write_model -> fusion_report -> summarize
     -> write_report -> commit
@@ -44,7 +44,7 @@ from .checks import (
     refuse_ambiguous_names,
     refuse_quantized,
 )
-from .algorithms import bias_correction, equalization, loss_aware
+from .algorithms import bias_correction, equalization, loss_aware, smooth_quant
 from quantizer.calibrators import CalibrationMethod, range_errors
 from .config import AUTO, CalibrationInputs, Outputs, QuantizationConfig, method_name
 from .context import Context, Written
@@ -170,16 +170,8 @@ def _check_equalization(ctx: Context) -> str:
     can leave the activations between the layers with more disparate channels."""
     found = ctx.equalization
     samples = _accuracy_samples(ctx)
-    references = _float_references(ctx, samples)
-    keep = ctx.excluded | set(ctx.keep_float)
-    method = _auto_fallback(ctx) if ctx.config.method == AUTO else ctx.config.method
     for name, model in (("equalized", ctx.stage1), ("not", found.unequalized)):
-        calibrator = Calibrator(model, method, ctx.config.percentile, show_progress=False, keep_histograms=True,
-                                tensors=ctx.plan.calibrated_tensors)
-        calibrator.collect_data(samples)
-        ranges = {**calibrator.compute_range(), **ctx.config.range_overrides}
-        outcome = _quantized(ctx, model, ranges, keep)
-        found.output_sqnr_db[name] = loss_aware.output_sqnr_db(runtime.session(outcome.model), samples, references)
+        found.output_sqnr_db[name] = _probe_sqnr(ctx, model, samples)
     db = found.output_sqnr_db
     found.kept = db["equalized"] >= db["not"]
     if not found.kept:
@@ -352,6 +344,69 @@ def _correct_bias(ctx: Context) -> str | None:
     ctx.bias_corrections = corrections
     summary = corrections.summary()
     return f"{summary['corrected']} biases corrected (median shift {summary['median_relative_shift']:.2%} of the output RMS)"
+
+
+def _smooths(ctx: Context) -> bool:
+    return ctx.config.smooth_quant and _calibrates(ctx) and ctx.data.source is not None
+
+
+def _smooth_quant(ctx: Context) -> str | None:
+    """SmoothQuant, before calibration: the ranges are then calibrated on the smoothed model.
+    A state saved or merged in this run must be of the stage-1 model, so it is skipped then."""
+    keep = ctx.excluded | set(ctx.keep_float)
+    if ctx.inputs.states or ctx.outputs.save_calibration is not None:
+        if smooth_quant.candidates(ctx.stage1, ctx.plan, keep, ctx.config.smooth_insert):
+            ctx.notes.append("SmoothQuant skipped: a calibration state saved or loaded in a run is of the "
+                             "unsmoothed model")
+        return None
+    samples = _accuracy_samples(ctx)
+    target = ctx.config.resolved_target
+    smoothed, ctx.smoothing = smooth_quant.smooth(
+        ctx.stage1, ctx.plan, target.activations, target.weights, samples, alpha=ctx.config.smooth_alpha,
+        keep=keep, insert=ctx.config.smooth_insert, sizes=_tensor_bytes(ctx),
+        show_progress=ctx.config.show_progress)
+    summary = ctx.smoothing.summary()
+    if not summary["smoothed"]:
+        return None
+    _float_references(ctx, samples)  # of the unsmoothed model: the reference of every check
+    unsmoothed = ctx.stage1, ctx.model, ctx.plan, ctx.calibrator, dict(ctx.keep_float)
+    ctx.keep_float.update({name: smooth_quant.REASON for name in ctx.smoothing.inserted})
+    ctx.stage1 = smoothed
+    ctx.model = ir.from_proto(smoothed)
+    ctx.plan = build_plan(ctx.model, keep | set(ctx.smoothing.inserted), target)
+    _prepare_calibration(ctx)  # the calibrator observes the smoothed model
+    problem = _stage1_difference(ctx, ctx.reference.sample) if ctx.reference is not None else None
+    if problem is not None:  # the folds must keep the float function: never quantize a changed one
+        ctx.stage1, ctx.model, ctx.plan, ctx.calibrator, ctx.keep_float = unsmoothed
+        ctx.smoothing = None
+        ctx.notes.append(f"SmoothQuant dropped: the smoothed model changed output {problem} (please report it)")
+        return "dropped: the float outputs changed"
+    scores = {name: _probe_sqnr(ctx, model, samples) for name, model in (("smoothed", smoothed),
+                                                                         ("unsmoothed", unsmoothed[0]))}
+    ctx.smoothing.output_sqnr_db = scores
+    if not scores["smoothed"] >= scores["unsmoothed"]:
+        ctx.stage1, ctx.model, ctx.plan, ctx.calibrator, ctx.keep_float = unsmoothed
+        ctx.smoothing.kept = False
+        return (f"dropped: output SQNR {scores['smoothed']:.1f} dB smoothed, {scores['unsmoothed']:.1f} dB not "
+                f"({summary['smoothed']} MatMul inputs)")
+    ctx.smoothing.kept = True
+    return (f"smoothed {summary['smoothed']} MatMul inputs (alpha median {summary['alpha_median']:g}); "
+            f"output SQNR {scores['smoothed']:.1f} dB smoothed, {scores['unsmoothed']:.1f} dB not")
+
+
+def _probe_sqnr(ctx: Context, model: onnx.ModelProto, samples: list[dict]) -> float:
+    """The check of a step that runs before calibration (equalization, SmoothQuant): the
+    output SQNR of ``model`` quantized with ranges from the accuracy samples alone (the
+    method's, the target's mse form for auto), on those samples, against the float outputs."""
+    keep = ctx.excluded | set(ctx.keep_float)
+    plan = build_plan(ir.from_proto(model), keep, ctx.config.resolved_target)
+    method = _auto_fallback(ctx) if ctx.config.method == AUTO else ctx.config.method
+    probe = Calibrator(model, method, ctx.config.percentile, show_progress=False, keep_histograms=True,
+                       tensors=plan.calibrated_tensors)
+    probe.collect_data(samples)
+    ranges = {**probe.compute_range(), **ctx.config.range_overrides}
+    outcome = _quantized(ctx, model, ranges, keep)
+    return loss_aware.output_sqnr_db(runtime.session(outcome.model), samples, _float_references(ctx, samples))
 
 
 def _save_calibration(ctx: Context) -> str:
@@ -662,6 +717,7 @@ PREPARE = (
     *STAGE1,
     PREPARE_CALIBRATION,
     Step("verify_stage1", "calibrate", _verify_stage1, lambda ctx: ctx.data.source is not None),
+    Step("smooth_quant", "calibrate", _smooth_quant, _smooths),
     Step("collect", "calibrate", _collect, lambda ctx: _calibrates(ctx) and ctx.data.source is not None),
     Step("save_calibration", "calibrate", _save_calibration,
          lambda ctx: _calibrates(ctx) and ctx.outputs.save_calibration is not None),
@@ -681,9 +737,9 @@ FINISH = (
 PIPELINE = PREPARE + QUANTIZE + FINISH
 # Stage 2 alone (one shard of the data, say): the calibration state, saved and committed.
 # Stage 2 alone (`quantize calibrate`): the state is of the stage-1 model, so nothing corrects it.
-# High-bias absorption measures on the run's first samples, which differ from shard to shard.
-CALIBRATE = tuple(s for s in PREPARE if s.name not in ("correct_bias", "absorb_high_bias", "check_equalization")) + (
-    Step("commit", "write", _commit),)
+# High-bias absorption and SmoothQuant measure on the run's accuracy samples, which differ from shard to shard.
+CALIBRATE = tuple(s for s in PREPARE if s.name not in ("correct_bias", "absorb_high_bias", "check_equalization",
+                                                        "smooth_quant")) + (Step("commit", "write", _commit),)
 
 
 # -- the other modes: weights first, no activation ranges --------------------------------
@@ -746,7 +802,7 @@ def _replaced(steps: Sequence[Step], by: Mapping[str, Step | None]) -> tuple[Ste
 
 
 _NO_CALIBRATION = {"prepare_calibration": None, "collect": None, "save_calibration": None, "correct_bias": None,
-                   "equalize": None, "absorb_high_bias": None, "check_equalization": None}
+                   "equalize": None, "absorb_high_bias": None, "check_equalization": None, "smooth_quant": None}
 _NO_RANGES = {"tensor_report": None, "save_ranges": None}
 DYNAMIC_PIPELINE = (
     *_replaced(PREPARE, {**_NO_CALIBRATION, "check_stage1": _check_weighted_plan(_dynamic_plan)}),

@@ -58,6 +58,7 @@ class CalibrationSummary:
     overridden: dict[str, list[float]] = field(default_factory=dict)
     selection: dict | None = None  # the auto method: which candidates won, by how much
     bias_correction: dict | None = None  # how many biases were corrected, and whether the check kept them
+    smooth_quant: dict | None = None  # SmoothQuant (when it smoothed any tensor): how many, their alphas
 
     def as_dict(self) -> dict:
         out = {"method": self.method, "samples": self.samples, "tensors": self.tensors,
@@ -66,6 +67,8 @@ class CalibrationSummary:
             out["auto"] = dict(self.selection)
         if self.bias_correction is not None:
             out["bias_correction"] = dict(self.bias_correction)
+        if self.smooth_quant is not None:
+            out["smooth_quant"] = dict(self.smooth_quant)
         if self.overridden:
             out["overridden"] = dict(self.overridden)
         return out
@@ -161,6 +164,7 @@ def build_summary(ctx) -> Summary:
             overridden={n: list(map(float, r)) for n, r in ctx.config.range_overrides.items()},
             selection=ctx.range_selection.summary() if ctx.range_selection is not None else None,
             bias_correction=ctx.bias_corrections.summary() if ctx.bias_corrections is not None else None,
+            smooth_quant=ctx.smoothing.summary() if ctx.smoothing is not None and ctx.smoothing.alphas else None,
         )
     elif ctx.config.mode != "static":
         calibration = CalibrationSummary("none" if ctx.hessians is None else "gptq activations (X^T X)", 0, 0)

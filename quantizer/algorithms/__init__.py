@@ -7,4 +7,6 @@
 - ``bias_correction``: fold the output shift that weight rounding causes into the bias.
 - ``equalization``: cross-layer equalization of layer pairs and high-bias absorption
   (stage 1, before calibration; exact in float).
+- ``smooth_quant``: move per-channel outliers of MatMul/Gemm inputs into the weight rows
+  (SmoothQuant), folded into the op that produces the input; before calibration.
 """
