@@ -42,6 +42,7 @@ CONFIGS = {
     "mse_asym + bias correction": {"method": "mse_asym"},
     "default": {},  # auto + bias correction (checked)
     "no normalization protection": {"protect_normalization": False},
+    "adaround": {"adaround": True},  # auto + AdaRound (checked) + bias correction: --preset accurate
 }
 DEFAULT_CONFIGS = "min_max_asym,entropy_asym,mse_asym,percentile_asym,auto without bias correction,default"
 
@@ -94,7 +95,7 @@ def evaluate(name: str, task, work: Path, configs: list[str]) -> list[dict]:
         row = {"model": name, "config": label, "metric": metric, "sqnr_db": sqnr_db(float_outputs, outputs),
                "cosine": cosine(float_outputs, outputs),
                "seconds": seconds, "changed": {s["step"]: s["changed"] for s in result.summary["steps"]
-                                               if s["step"] in ("choose_ranges", "correct_bias",
+                                               if s["step"] in ("choose_ranges", "correct_bias", "adaround", "check_adaround",
                                                                 "keep_normalization_float") and s["changed"]}}
         rows.append(row)
         print(f"[{name}] {label}: {task.metric} {metric:.3f}, SQNR {row['sqnr_db']:.2f} dB, "

@@ -11,7 +11,7 @@ import math
 import click
 from quantizer.calibrators import CalibrationMethod
 
-from quantizer.config import AUTO, DEFAULT_FIDELITY_SAMPLES, DEFAULT_MIN_SQNR_DB, DEFAULT_PERCENTILE
+from quantizer.config import AUTO, DEFAULT_FIDELITY_SAMPLES, DEFAULT_MIN_SQNR_DB, DEFAULT_PERCENTILE, PRESETS
 from quantizer.dataset import DataOptions, DataSpec, ImagePreprocessing
 from quantizer.errors import UsageError
 from quantizer.report import DEFAULT_REPORT_SAMPLES
@@ -20,7 +20,7 @@ FLAGS = {
     "method": "--calib", "methods": "--calib", "percentile": "--percentile", "input_shapes": "--input-shape",
     "target": "--target", "activation_dtype": "--activation-dtype", "weight_range": "--weight-range", "exclude": "--exclude",
     "protect=False": "--no-protect", "protect_normalization": "--no-protect-normalization",
-    "bias_correction": "--bias-correction", "accuracy_samples": "--accuracy-samples", "report_samples": "--report-samples", "range_overrides": "--input-range",
+    "bias_correction": "--bias-correction", "adaround": "--adaround", "adaround_iterations": "--adaround-iterations", "preset": "--preset", "accuracy_samples": "--accuracy-samples", "report_samples": "--report-samples", "range_overrides": "--input-range",
     "min_sqnr_db": "--min-sqnr", "strict": "--strict", "fidelity_samples": "--fidelity-samples", "model": "-o", "report": "--report", "save_ranges": "--save-ranges",
     "save_calibration": "--save-calibration", "max_trials": "--max-trials", "tolerable_loss": "--tolerable-loss",
     "ranges": "--ranges", "load_calibration": "--load-calibration",
@@ -92,6 +92,15 @@ no_protect_normalization = click.option(
 bias_correction = click.option("--bias-correction/--no-bias-correction", default=None,
                                help="Fold the mean output shift that weight rounding causes into each Conv/Gemm "
                                     "bias, kept if the outputs get closer to float [default: on].")
+adaround = click.option("--adaround/--no-adaround", default=None,
+                        help="Round each Conv/Gemm/MatMul weight up or down by the layer's output error on the "
+                             "accuracy samples (AdaRound), kept if the outputs get no further from float "
+                             "[default: off; on with --preset accurate].")
+adaround_iterations = click.option("--adaround-iterations", type=click.IntRange(min=1), default=None, metavar="N",
+                                   help="Optimizer steps per layer of --adaround [default: 500].")
+preset = click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
+                      help="A bundle of accuracy settings: accurate = --adaround (slower) [default: default]; "
+                           "flags given beside it win.")
 accuracy_samples = click.option("--accuracy-samples", type=click.IntRange(min=1), default=None, metavar="N",
                                 help="Calibration samples --calib auto and --bias-correction measure on "
                                      "[default: 4].")
@@ -203,18 +212,19 @@ def mode_config(mode, weight_bits=None, block_size=None, weight_symmetric=False,
 
 # What `run` and `tune` both take.
 QUANTIZATION = option_group(data, DATA_OPTIONS, output, target, percentile, activation_dtype, weight_range, exclude,
-                            no_protect, no_protect_normalization, bias_correction, accuracy_samples, report, quiet,
+                            no_protect, no_protect_normalization, bias_correction, adaround, adaround_iterations, preset,
+                            accuracy_samples, report, quiet,
                             input_shape, strict, fidelity_samples, CLUSTER, debug)
 
 
 def accuracy_steps(no_protect_normalization: bool, bias_correction: bool | None,
-                   accuracy_samples: int | None) -> dict:
+                   accuracy_samples: int | None, adaround: bool | None = None, adaround_iterations: int | None = None,
+                   preset: str | None = None) -> dict:
     """The accuracy-step parameters the flags set (unset flags leave the defaults)."""
     chosen = {"protect_normalization": False} if no_protect_normalization else {}
-    if bias_correction is not None:
-        chosen["bias_correction"] = bias_correction
-    if accuracy_samples is not None:
-        chosen["accuracy_samples"] = accuracy_samples
+    given = {"bias_correction": bias_correction, "accuracy_samples": accuracy_samples, "adaround": adaround,
+             "adaround_iterations": adaround_iterations, "preset": preset}
+    chosen.update({name: value for name, value in given.items() if value is not None})
     return chosen
 
 

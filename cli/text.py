@@ -75,6 +75,14 @@ def format_summary(summary, output: Path | None, rows: int = 10) -> str:
             verdict = "kept" if corrected["kept"] else "dropped"
             lines.append(f"  bias correction: {corrected['corrected']} biases, {verdict}"
                          + (f" ({db['corrected']:.1f} dB with, {db['uncorrected']:.1f} dB without)" if db else ""))
+        rounded = calib.get("adaround")
+        if rounded and rounded["rounded"]:
+            db = rounded["output_sqnr_db"]
+            slowest = max(rounded["layers"].items(), key=lambda kv: kv[1]["seconds"])
+            lines.append(f"  adaround: {rounded['rounded']} weights, {'kept' if rounded['kept'] else 'dropped'}"
+                         + (f" ({db['rounded']:.1f} dB with, {db['nearest']:.1f} dB without)" if db else "")
+                         + f"; layer error x{rounded['median_error_ratio']:.2f} of nearest (median), "
+                           f"{rounded['seconds']:.1f} s (slowest {slowest[0]} {slowest[1]['seconds']:.1f} s)")
         for name, (low, high) in calib.get("overridden", {}).items():
             lines.append(f"  range of '{name}' set to [{low:g}, {high:g}] (--input-range)")
         for name, count in calib["nonfinite_values"].items():

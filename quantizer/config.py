@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,13 @@ DEFAULT_WEIGHT_ONLY_BITS = 4
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_BLOCK_SIZE = 32
 WEIGHT_ALGORITHMS = ("rtn", "gptq")  # round to nearest; GPTQ (uses calibration activations)
+DEFAULT_ADAROUND_ITERATIONS = 500
+# Bundles of parameters a run can ask for by name (`preset`): data, not branches.  A preset
+# sets the parameters that are left at their defaults; the others keep what was given.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "accurate": {"adaround": True},  # AdaRound on (slower: see the README's accuracy steps)
+}
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,12 @@ class QuantizationConfig:
     bias_correction: subtract from each Conv/Gemm bias the mean output shift its weight
     rounding causes (algorithms/bias_correction.py), kept only if the quantized model's
     outputs are closer to float with it.
+    adaround: choose each Conv/Gemm/MatMul weight's rounding (down or up) by the layer's
+    output error on the accuracy samples (algorithms/adaround.py), kept only if the
+    quantized model's outputs are not further from float with it.
+    adaround_iterations: Adam steps per layer of AdaRound (the time it takes grows with them).
+    preset: a named bundle of parameters (``PRESETS``: "default", "accurate"), applied to the
+    parameters left at their defaults.
     percentile: for the PERCENTILE methods, in (0, 100].
     input_shapes: fixed shapes for dynamic inputs, ``{"x": (1, 3, 224, 224)}``.
     target: the backend to quantize for: a preset name ("ort-cpu", the default, resolved
@@ -160,6 +173,9 @@ class QuantizationConfig:
     protect: bool = True
     protect_normalization: bool = True
     bias_correction: bool = True
+    adaround: bool = False
+    adaround_iterations: int = DEFAULT_ADAROUND_ITERATIONS
+    preset: str | None = None
     report_samples: int = 0
     range_overrides: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     show_progress: bool | None = None
@@ -177,6 +193,7 @@ class QuantizationConfig:
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: normalize once, here
+        self._apply_preset()
         set_(self, "method", parse_method(self.method))
         if isinstance(self.accuracy_samples, bool) or not isinstance(self.accuracy_samples, int) or self.accuracy_samples < 1:
             raise UsageError(f"`accuracy_samples` must be an integer >= 1, got {self.accuracy_samples!r}")
@@ -212,6 +229,18 @@ class QuantizationConfig:
             raise UsageError(f"`report_samples` must be an integer >= 0, got {self.report_samples!r}")
         set_(self, "range_overrides", {n: _range_pair(n, r, "`range_overrides`")
                                        for n, r in (self.range_overrides or {}).items()})
+
+    def _apply_preset(self) -> None:
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise UsageError(f"`preset` must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+            defaults = {f.name: f.default for f in fields(self) if f.init}
+            for name, value in PRESETS[self.preset].items():
+                if getattr(self, name) == defaults[name]:
+                    object.__setattr__(self, name, value)
+        if isinstance(self.adaround_iterations, bool) or not isinstance(self.adaround_iterations, int) \
+                or self.adaround_iterations < 1:
+            raise UsageError(f"`adaround_iterations` must be an integer >= 1, got {self.adaround_iterations!r}")
 
     @property
     def method_name(self) -> str:

@@ -54,6 +54,7 @@ class Context:
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     range_selection: Any = None  # algorithms.loss_aware.Selection (the auto method)
     bias_corrections: Any = None  # algorithms.bias_correction.Corrections
+    rounding: Any = None  # algorithms.adaround.Rounding
     accuracy_references: list | None = None  # float outputs on the accuracy samples (the checks' reference)
     protected: list[dict] = field(default_factory=list)
     keep_float: dict[str, str] = field(default_factory=dict)  # node -> reason, beyond exclude

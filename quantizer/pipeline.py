@@ -1,7 +1,8 @@
 """The pipeline: one declared list of steps over one context.
 
     load -> refuse_quantized -> check_outputs -> check_names -> optimize -> resolve_scope -> keep_normalization_float -> check_stage1
-    -> prepare_calibration -> verify_stage1 -> collect -> save_calibration -> correct_bias
+    -> prepare_calibration -> verify_stage1 -> collect -> save_calibration -> adaround -> check_adaround
+    -> correct_bias
     -> check_bias_correction -> choose_ranges -> compute_ranges -> protect -> insert_qdq
     -> refuse_float_copy -> tensor_report -> save_ranges -> write_model -> fusion_report -> summarize
     -> write_report -> commit
@@ -43,7 +44,7 @@ from .checks import (
     refuse_ambiguous_names,
     refuse_quantized,
 )
-from .algorithms import bias_correction, loss_aware
+from .algorithms import adaround, bias_correction, loss_aware
 from quantizer.calibrators import CalibrationMethod, range_errors
 from .config import AUTO, CalibrationInputs, Outputs, QuantizationConfig, method_name
 from .context import Context, Written
@@ -287,6 +288,36 @@ def _correct_bias(ctx: Context) -> str | None:
     return f"{summary['corrected']} biases corrected (median shift {summary['median_relative_shift']:.2%} of the output RMS)"
 
 
+def _adaround(ctx: Context) -> str | None:
+    """AdaRound: each Conv/Gemm/MatMul weight rounded up or down by its layer's output error."""
+    samples = _accuracy_samples(ctx)
+    if not samples:
+        ctx.notes.append("adaround skipped: it measures on calibration samples, and none were given")
+        return None
+    rounding = adaround.adaround(ctx.stage1, ctx.plan, ctx.config.resolved_target.weights, samples,
+                                 iterations=ctx.config.adaround_iterations, sizes=_tensor_bytes(ctx),
+                                 show_progress=ctx.config.show_progress)
+    rounding.unrounded = ctx.stage1
+    ctx.stage1 = adaround.apply(ctx.stage1, rounding)
+    ctx.rounding = rounding
+    summary = rounding.summary()
+    return (f"{summary['rounded']} weights rounded (layer error x{summary['median_error_ratio']:.2f} of nearest's, "
+            f"median), {summary['seconds']:.1f} s")
+
+
+def _check_adaround(ctx: Context) -> str:
+    """Keep the AdaRounded weights only if the quantized model's outputs are not further
+    from float with them, on the accuracy samples (before bias correction measures on them)."""
+    rounding = ctx.rounding
+    scores = _output_scores(ctx, {"rounded": ctx.stage1, "nearest": rounding.unrounded})
+    rounding.kept = scores["rounded"] >= scores["nearest"]
+    rounding.output_sqnr_db = scores
+    if not rounding.kept:
+        ctx.stage1 = rounding.unrounded
+    return (f"{'kept' if rounding.kept else 'dropped'}: output SQNR {scores['rounded']:.1f} dB rounded, "
+            f"{scores['nearest']:.1f} dB nearest")
+
+
 def _save_calibration(ctx: Context) -> str:
     ctx.calibrator.save_state(ctx.outputs.save_calibration, transaction=ctx.transaction)
     return str(ctx.outputs.save_calibration)
@@ -348,10 +379,29 @@ def _float_references(ctx: Context, samples: list[dict]) -> list:
     """The float model's outputs on the accuracy samples (before any bias correction:
     the function the checks compare against), computed once per run."""
     if ctx.accuracy_references is None:
-        corrections = ctx.bias_corrections
-        session = runtime.session(corrections.uncorrected if corrections is not None else ctx.stage1)
+        session = runtime.session(_float_stage1(ctx))
         ctx.accuracy_references = [session.run(None, dict(sample)) for sample in samples]
     return ctx.accuracy_references
+
+
+def _float_stage1(ctx: Context) -> onnx.ModelProto:
+    """The stage-1 model before the accuracy steps changed its weights or biases."""
+    if ctx.rounding is not None:
+        return ctx.rounding.unrounded
+    if ctx.bias_corrections is not None:
+        return ctx.bias_corrections.uncorrected
+    return ctx.stage1
+
+
+def _output_scores(ctx: Context, models: Mapping[str, onnx.ModelProto]) -> dict[str, float]:
+    """Each stage-1 variant's output SQNR against float, quantized with the probe ranges,
+    on the accuracy samples: how the checks of the accuracy steps decide."""
+    samples = _accuracy_samples(ctx)
+    references = _float_references(ctx, samples)
+    keep = ctx.excluded | set(ctx.keep_float)
+    probe = {**_probe_ranges(ctx), **ctx.config.range_overrides}
+    return {name: loss_aware.output_sqnr_db(runtime.session(_quantized(ctx, model, probe, keep).model), samples,
+                                            references) for name, model in models.items()}
 
 
 def _auto_fallback(ctx: Context) -> CalibrationMethod:
@@ -375,14 +425,7 @@ def _check_bias_correction(ctx: Context) -> str:
     float with them, on the accuracy samples (once per run; autotune's trials follow)."""
     corrections = ctx.bias_corrections
     if corrections.kept is None:
-        samples = _accuracy_samples(ctx)
-        references = _float_references(ctx, samples)
-        keep = ctx.excluded | set(ctx.keep_float)
-        scores = {}
-        probe = {**_probe_ranges(ctx), **ctx.config.range_overrides}
-        for name, model in (("corrected", ctx.stage1), ("uncorrected", corrections.uncorrected)):
-            outcome = _quantized(ctx, model, probe, keep)
-            scores[name] = loss_aware.output_sqnr_db(runtime.session(outcome.model), samples, references)
+        scores = _output_scores(ctx, {"corrected": ctx.stage1, "uncorrected": corrections.uncorrected})
         corrections.kept = scores["corrected"] >= scores["uncorrected"]
         corrections.output_sqnr_db = scores
     if not corrections.kept:
@@ -598,6 +641,8 @@ PREPARE = (
     Step("collect", "calibrate", _collect, lambda ctx: _calibrates(ctx) and ctx.data.source is not None),
     Step("save_calibration", "calibrate", _save_calibration,
          lambda ctx: _calibrates(ctx) and ctx.outputs.save_calibration is not None),
+    Step("adaround", "calibrate", _adaround, lambda ctx: ctx.config.adaround),
+    Step("check_adaround", "quantize", _check_adaround, lambda ctx: ctx.rounding is not None and bool(ctx.rounding.weights)),
     Step("correct_bias", "calibrate", _correct_bias, lambda ctx: ctx.config.bias_correction),
 )
 FINISH = (
@@ -614,7 +659,8 @@ FINISH = (
 PIPELINE = PREPARE + QUANTIZE + FINISH
 # Stage 2 alone (one shard of the data, say): the calibration state, saved and committed.
 # Stage 2 alone (`quantize calibrate`): the state is of the stage-1 model, so nothing corrects it.
-CALIBRATE = tuple(s for s in PREPARE if s.name != "correct_bias") + (Step("commit", "write", _commit),)
+CALIBRATE = tuple(s for s in PREPARE if s.name not in ("adaround", "check_adaround", "correct_bias")) + (
+    Step("commit", "write", _commit),)
 
 
 # -- the other modes: weights first, no activation ranges --------------------------------
@@ -676,7 +722,8 @@ def _replaced(steps: Sequence[Step], by: Mapping[str, Step | None]) -> tuple[Ste
     return tuple(by[s.name] if s.name in by else s for s in steps if by.get(s.name, s) is not None)
 
 
-_NO_CALIBRATION = {"prepare_calibration": None, "collect": None, "save_calibration": None, "correct_bias": None}
+_NO_CALIBRATION = {"prepare_calibration": None, "collect": None, "save_calibration": None, "correct_bias": None,
+                   "adaround": None, "check_adaround": None}
 _NO_RANGES = {"tensor_report": None, "save_ranges": None}
 DYNAMIC_PIPELINE = (
     *_replaced(PREPARE, {**_NO_CALIBRATION, "check_stage1": _check_weighted_plan(_dynamic_plan)}),

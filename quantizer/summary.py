@@ -58,6 +58,7 @@ class CalibrationSummary:
     overridden: dict[str, list[float]] = field(default_factory=dict)
     selection: dict | None = None  # the auto method: which candidates won, by how much
     bias_correction: dict | None = None  # how many biases were corrected, and whether the check kept them
+    adaround: dict | None = None  # how many weights AdaRound rounded, per-layer time, whether the check kept them
 
     def as_dict(self) -> dict:
         out = {"method": self.method, "samples": self.samples, "tensors": self.tensors,
@@ -66,6 +67,8 @@ class CalibrationSummary:
             out["auto"] = dict(self.selection)
         if self.bias_correction is not None:
             out["bias_correction"] = dict(self.bias_correction)
+        if self.adaround is not None:
+            out["adaround"] = dict(self.adaround)
         if self.overridden:
             out["overridden"] = dict(self.overridden)
         return out
@@ -159,6 +162,7 @@ def build_summary(ctx) -> Summary:
             overridden={n: list(map(float, r)) for n, r in ctx.config.range_overrides.items()},
             selection=ctx.range_selection.summary() if ctx.range_selection is not None else None,
             bias_correction=ctx.bias_corrections.summary() if ctx.bias_corrections is not None else None,
+            adaround=ctx.rounding.summary() if ctx.rounding is not None else None,
         )
     elif ctx.config.mode != "static":
         calibration = CalibrationSummary("none" if ctx.hessians is None else "gptq activations (X^T X)", 0, 0)

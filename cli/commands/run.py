@@ -39,7 +39,8 @@ from ..text import format_summary, warnings
 @options.report_samples
 @options.min_sqnr
 def run(model, method, data, output, target, percentage, activation_dtype, weight_range, exclude, no_protect,
-        no_protect_normalization, bias_correction, accuracy_samples, report, quiet, input_shapes, strict,
+        no_protect_normalization, bias_correction, adaround, adaround_iterations, preset, accuracy_samples, report,
+        quiet, input_shapes, strict,
         fidelity_samples, workers, scheduler, debug, save_calibration, load_calibration, save_ranges, ranges_file, input_types,
         output_types, input_ranges, optimize_only, report_samples, min_sqnr, mode, weight_bits, block_size,
         weight_symmetric, weight_unsigned, weight_algorithm, no_embeddings, wide_tensors, **data_forms):
@@ -64,7 +65,8 @@ def run(model, method, data, output, target, percentage, activation_dtype, weigh
             weight_range=weight_range, exclude=exclude, protect=not no_protect,
             report_samples=report_samples if report else 0, range_overrides=overrides,
             show_progress=False if quiet else None, strict=strict, wide_tensors=wide_tensors,
-            **options.accuracy_steps(no_protect_normalization, bias_correction, accuracy_samples),
+            **options.accuracy_steps(no_protect_normalization, bias_correction, accuracy_samples, adaround,
+                                     adaround_iterations, preset),
         )
         if mode == "static" and not (data or load_calibration or ranges_file):
             raise UsageError("--data is required: a folder of .npy/.npz calibration samples "

@@ -29,7 +29,8 @@ from ..text import format_summary, format_trial, warnings
               help="Calibration samples for the per-tensor SQNR that ranks the fallback nodes.")
 @options.min_sqnr
 def tune(model, eval_script, tolerable_loss, max_trials, methods, data, output, target, percentage, activation_dtype,
-         weight_range, exclude, no_protect, no_protect_normalization, bias_correction, accuracy_samples, report, quiet,
+         weight_range, exclude, no_protect, no_protect_normalization, bias_correction, adaround, adaround_iterations,
+         preset, accuracy_samples, report, quiet,
          input_shapes, strict, fidelity_samples, workers, scheduler, debug, report_samples,
          min_sqnr, **data_forms):
     """Quantize MODEL trying methods, then float fallbacks, until the metric of --eval is
@@ -43,7 +44,8 @@ def tune(model, eval_script, tolerable_loss, max_trials, methods, data, output, 
         eval_fn = script_evaluator(eval_script)
         out = output or default_output(model, "int8")
         data_arg = options.data_argument(data, data_forms)
-        steps = options.accuracy_steps(no_protect_normalization, bias_correction, accuracy_samples)
+        steps = options.accuracy_steps(no_protect_normalization, bias_correction, accuracy_samples, adaround,
+                                       adaround_iterations, preset)
         with options.cluster(workers, scheduler) as client:
             result = autotune(
                 model, data_arg, eval_fn, tolerable_loss, max_trials, list(methods) or list(DEFAULT_METHODS),
