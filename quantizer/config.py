@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +41,12 @@ DEFAULT_BLOCK_SIZE = 32
 WEIGHT_ALGORITHMS = ("rtn", "gptq")  # round to nearest; GPTQ (uses calibration activations)
 DEFAULT_ADAROUND_ITERATIONS = 500
 # Bundles of parameters a run can ask for by name (`preset`): data, not branches.  A preset
-# sets the parameters that are left at their defaults; the others keep what was given.
+# sets the parameters that are not given (None); given ones keep their values.
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "accurate": {"adaround": True},  # AdaRound on (slower: see the README's accuracy steps)
 }
+PRESET_FALLBACKS = {"adaround": False}  # what a parameter a preset may set is when nothing sets it
 
 
 @dataclass(frozen=True)
@@ -124,8 +125,8 @@ class QuantizationConfig:
     output error on the accuracy samples (algorithms/adaround.py), kept only if the
     quantized model's outputs are not further from float with it.
     adaround_iterations: Adam steps per layer of AdaRound (the time it takes grows with them).
-    preset: a named bundle of parameters (``PRESETS``: "default", "accurate"), applied to the
-    parameters left at their defaults.
+    preset: a named bundle of parameters (``PRESETS``: "default", "accurate"), setting the
+    parameters not given (``adaround``); given ones keep their values.
     percentile: for the PERCENTILE methods, in (0, 100].
     input_shapes: fixed shapes for dynamic inputs, ``{"x": (1, 3, 224, 224)}``.
     target: the backend to quantize for: a preset name ("ort-cpu", the default, resolved
@@ -173,7 +174,7 @@ class QuantizationConfig:
     protect: bool = True
     protect_normalization: bool = True
     bias_correction: bool = True
-    adaround: bool = False
+    adaround: bool | None = None  # None: the preset's value, else False
     adaround_iterations: int = DEFAULT_ADAROUND_ITERATIONS
     preset: str | None = None
     report_samples: int = 0
@@ -234,10 +235,10 @@ class QuantizationConfig:
         if self.preset is not None:
             if self.preset not in PRESETS:
                 raise UsageError(f"`preset` must be one of {', '.join(PRESETS)}, got {self.preset!r}")
-            defaults = {f.name: f.default for f in fields(self) if f.init}
-            for name, value in PRESETS[self.preset].items():
-                if getattr(self, name) == defaults[name]:
-                    object.__setattr__(self, name, value)
+        bundle = PRESETS[self.preset] if self.preset is not None else {}
+        for name, fallback in PRESET_FALLBACKS.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, bundle.get(name, fallback))
         if isinstance(self.adaround_iterations, bool) or not isinstance(self.adaround_iterations, int) \
                 or self.adaround_iterations < 1:
             raise UsageError(f"`adaround_iterations` must be an integer >= 1, got {self.adaround_iterations!r}")

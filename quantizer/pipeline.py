@@ -294,8 +294,12 @@ def _adaround(ctx: Context) -> str | None:
     if not samples:
         ctx.notes.append("adaround skipped: it measures on calibration samples, and none were given")
         return None
-    rounding = adaround.adaround(ctx.stage1, ctx.plan, ctx.config.resolved_target.weights, samples,
-                                 iterations=ctx.config.adaround_iterations, sizes=_tensor_bytes(ctx),
+    probe = {**_probe_ranges(ctx), **ctx.config.range_overrides}  # the ranges its check quantizes with
+    target = ctx.config.resolved_target
+    rounding = adaround.adaround(ctx.stage1, ctx.plan, target.weights, samples,
+                                 iterations=ctx.config.adaround_iterations,
+                                 input_ranges={k: v for k, v in probe.items() if k not in ctx.config.wide_tensors},
+                                 activation_spec=target.activations, sizes=_tensor_bytes(ctx),
                                  show_progress=ctx.config.show_progress)
     rounding.unrounded = ctx.stage1
     ctx.stage1 = adaround.apply(ctx.stage1, rounding)
