@@ -46,6 +46,7 @@ CONFIGS = {
     "no smooth quant": {"smooth_quant": False},  # default without SmoothQuant
     "smooth quant alpha 0.5": {"smooth_alpha": 0.5},  # SmoothQuant's paper default, no search
     "smooth quant with inserted Mul": {"smooth_insert": True},  # also where no fold exists (a float Mul)
+    "adaround": {"adaround": True},  # auto + AdaRound (checked) + bias correction: --preset accurate
 }
 DEFAULT_CONFIGS = "min_max_asym,entropy_asym,mse_asym,percentile_asym,auto without bias correction,default"
 
@@ -99,7 +100,7 @@ def evaluate(name: str, task, work: Path, configs: list[str]) -> list[dict]:
                "cosine": cosine(float_outputs, outputs),
                "seconds": seconds, "changed": {s["step"]: s["changed"] for s in result.summary["steps"]
                                                if s["step"] in ("choose_ranges", "correct_bias", "equalize", "absorb_high_bias", "check_equalization",
-                                                                 "smooth_quant",
+                                                                 "smooth_quant", "adaround", "check_adaround",
                                                                 "keep_normalization_float") and s["changed"]}}
         rows.append(row)
         print(f"[{name}] {label}: {task.metric} {metric:.3f}, SQNR {row['sqnr_db']:.2f} dB, "

@@ -11,7 +11,7 @@ import math
 import click
 from quantizer.calibrators import CalibrationMethod
 
-from quantizer.config import AUTO, DEFAULT_FIDELITY_SAMPLES, DEFAULT_MIN_SQNR_DB, DEFAULT_PERCENTILE
+from quantizer.config import AUTO, DEFAULT_FIDELITY_SAMPLES, DEFAULT_MIN_SQNR_DB, DEFAULT_PERCENTILE, PRESETS
 from quantizer.dataset import DataOptions, DataSpec, ImagePreprocessing
 from quantizer.errors import UsageError
 from quantizer.report import DEFAULT_REPORT_SAMPLES
@@ -21,7 +21,8 @@ FLAGS = {
     "target": "--target", "activation_dtype": "--activation-dtype", "weight_range": "--weight-range", "exclude": "--exclude",
     "protect=False": "--no-protect", "protect_normalization": "--no-protect-normalization",
     "bias_correction": "--bias-correction", "equalize": "--equalize", "smooth_quant": "--smooth-quant", "smooth_alpha": "--smooth-alpha",
-    "smooth_insert": "--smooth-insert", "accuracy_samples": "--accuracy-samples", "report_samples": "--report-samples", "range_overrides": "--input-range",
+    "smooth_insert": "--smooth-insert", "adaround": "--adaround", "adaround_iterations": "--adaround-iterations", "preset": "--preset",
+    "accuracy_samples": "--accuracy-samples", "report_samples": "--report-samples", "range_overrides": "--input-range",
     "min_sqnr_db": "--min-sqnr", "strict": "--strict", "fidelity_samples": "--fidelity-samples", "model": "-o", "report": "--report", "save_ranges": "--save-ranges",
     "save_calibration": "--save-calibration", "max_trials": "--max-trials", "tolerable_loss": "--tolerable-loss",
     "ranges": "--ranges", "load_calibration": "--load-calibration",
@@ -105,6 +106,15 @@ smooth_alpha = click.option("--smooth-alpha", type=click.FloatRange(0.0, 1.0), d
 smooth_insert = click.option("--smooth-insert", is_flag=True, default=None,
                              help="SmoothQuant also where no fold exists, with a float Mul before the MatMul "
                                   "[default: off].")
+adaround = click.option("--adaround/--no-adaround", default=None,
+                        help="Round each Conv/Gemm/MatMul weight up or down by the layer's output error on the "
+                             "accuracy samples (AdaRound), kept if the outputs get no further from float "
+                             "[default: off; on with --preset accurate].")
+adaround_iterations = click.option("--adaround-iterations", type=click.IntRange(min=1), default=None, metavar="N",
+                                   help="Optimizer steps per layer of --adaround [default: 500].")
+preset = click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
+                      help="A bundle of accuracy settings: accurate = --adaround (slower) [default: default]; "
+                           "flags given beside it win.")
 accuracy_samples = click.option("--accuracy-samples", type=click.IntRange(min=1), default=None, metavar="N",
                                 help="Calibration samples --calib auto, --bias-correction and --smooth-quant measure on "
                                      "[default: 4].")
@@ -217,7 +227,7 @@ def mode_config(mode, weight_bits=None, block_size=None, weight_symmetric=False,
 # What `run` and `tune` both take.
 QUANTIZATION = option_group(data, DATA_OPTIONS, output, target, percentile, activation_dtype, weight_range, exclude,
                             no_protect, no_protect_normalization, bias_correction, equalize, smooth_quant, smooth_alpha,
-                            smooth_insert, accuracy_samples, report, quiet,
+                            smooth_insert, adaround, adaround_iterations, preset, accuracy_samples, report, quiet,
                             input_shape, strict, fidelity_samples, CLUSTER, debug)
 
 

@@ -91,6 +91,14 @@ def format_summary(summary, output: Path | None, rows: int = 10) -> str:
             lines.append(f"  smooth quant: smoothed {smoothed['smoothed']} MatMul inputs "
                          f"(alpha median {smoothed['alpha_median']:g}), {'kept' if smoothed['kept'] else 'dropped'}"
                          + (f" ({db['smoothed']:.1f} dB with, {db['unsmoothed']:.1f} dB without)" if db else ""))
+        rounded = calib.get("adaround")
+        if rounded and rounded["rounded"]:
+            db = rounded["output_sqnr_db"]
+            slowest = max(rounded["layers"].items(), key=lambda kv: kv[1]["seconds"])
+            lines.append(f"  adaround: {rounded['rounded']} weights, {'kept' if rounded['kept'] else 'dropped'}"
+                         + (f" ({db['rounded']:.1f} dB with, {db['nearest']:.1f} dB without)" if db else "")
+                         + f"; layer error x{rounded['median_error_ratio']:.2f} of nearest (median), "
+                           f"{rounded['seconds']:.1f} s (slowest {slowest[0]} {slowest[1]['seconds']:.1f} s)")
         for name, (low, high) in calib.get("overridden", {}).items():
             lines.append(f"  range of '{name}' set to [{low:g}, {high:g}] (--input-range)")
         for name, count in calib["nonfinite_values"].items():

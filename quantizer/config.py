@@ -39,6 +39,14 @@ DEFAULT_WEIGHT_ONLY_BITS = 4
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 DEFAULT_BLOCK_SIZE = 32
 WEIGHT_ALGORITHMS = ("rtn", "gptq")  # round to nearest; GPTQ (uses calibration activations)
+DEFAULT_ADAROUND_ITERATIONS = 500
+# Bundles of parameters a run can ask for by name (`preset`): data, not branches.  A preset
+# sets the parameters that are not given (None); given ones keep their values.
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "accurate": {"adaround": True},  # AdaRound on (slower: see the README's accuracy steps)
+}
+PRESET_FALLBACKS = {"adaround": False}  # what a parameter a preset may set is when nothing sets it
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,12 @@ class QuantizationConfig:
     smooth_insert: SmoothQuant also where no fold exists (a Gelu, Softmax or graph input
     produces the tensor, or it has other readers): a float Mul by 1 / s runs before the
     MatMul/Gemm readers.
+    adaround: choose each Conv/Gemm/MatMul weight's rounding (down or up) by the layer's
+    output error on the accuracy samples (algorithms/adaround.py), kept only if the
+    quantized model's outputs are not further from float with it.
+    adaround_iterations: Adam steps per layer of AdaRound (the time it takes grows with them).
+    preset: a named bundle of parameters (``PRESETS``: "default", "accurate"), setting the
+    parameters not given (``adaround``); given ones keep their values.
     percentile: for the PERCENTILE methods, in (0, 100].
     input_shapes: fixed shapes for dynamic inputs, ``{"x": (1, 3, 224, 224)}``.
     target: the backend to quantize for: a preset name ("ort-cpu", the default, resolved
@@ -178,6 +192,9 @@ class QuantizationConfig:
     smooth_quant: bool = True
     smooth_alpha: float | None = None
     smooth_insert: bool = False
+    adaround: bool | None = None  # None: the preset's value, else False
+    adaround_iterations: int = DEFAULT_ADAROUND_ITERATIONS
+    preset: str | None = None
     report_samples: int = 0
     range_overrides: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     show_progress: bool | None = None
@@ -195,6 +212,7 @@ class QuantizationConfig:
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: normalize once, here
+        self._apply_preset()
         set_(self, "method", parse_method(self.method))
         if isinstance(self.accuracy_samples, bool) or not isinstance(self.accuracy_samples, int) or self.accuracy_samples < 1:
             raise UsageError(f"`accuracy_samples` must be an integer >= 1, got {self.accuracy_samples!r}")
@@ -235,6 +253,18 @@ class QuantizationConfig:
             raise UsageError(f"`report_samples` must be an integer >= 0, got {self.report_samples!r}")
         set_(self, "range_overrides", {n: _range_pair(n, r, "`range_overrides`")
                                        for n, r in (self.range_overrides or {}).items()})
+
+    def _apply_preset(self) -> None:
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise UsageError(f"`preset` must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        bundle = PRESETS[self.preset] if self.preset is not None else {}
+        for name, fallback in PRESET_FALLBACKS.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, bundle.get(name, fallback))
+        if isinstance(self.adaround_iterations, bool) or not isinstance(self.adaround_iterations, int) \
+                or self.adaround_iterations < 1:
+            raise UsageError(f"`adaround_iterations` must be an integer >= 1, got {self.adaround_iterations!r}")
 
     @property
     def method_name(self) -> str:

@@ -57,6 +57,7 @@ class Context:
     accuracy_samples: list | None = None  # the samples the accuracy steps measure on (read once)
     equalization: Any = None  # algorithms.equalization.Equalization (stage 1)
     smoothing: Any = None  # algorithms.smooth_quant.Smoothing
+    rounding: Any = None  # algorithms.adaround.Rounding
     accuracy_references: list | None = None  # float outputs on the accuracy samples (the checks' reference)
     protected: list[dict] = field(default_factory=list)
     keep_float: dict[str, str] = field(default_factory=dict)  # node -> reason, beyond exclude

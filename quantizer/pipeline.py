@@ -2,7 +2,8 @@
 
     load -> refuse_quantized -> check_outputs -> check_names -> optimize -> equalize -> absorb_high_bias
     -> resolve_scope -> keep_normalization_float -> check_stage1 -> check_equalization
-    -> prepare_calibration -> verify_stage1 -> smooth_quant -> collect -> save_calibration -> correct_bias
+    -> prepare_calibration -> verify_stage1 -> smooth_quant -> collect -> save_calibration
+    -> adaround -> check_adaround -> correct_bias
     -> check_bias_correction -> choose_ranges -> compute_ranges -> protect -> insert_qdq
     -> refuse_float_copy -> tensor_report -> save_ranges -> write_model -> fusion_report -> summarize
     -> write_report -> commit
@@ -44,7 +45,7 @@ from .checks import (
     refuse_ambiguous_names,
     refuse_quantized,
 )
-from .algorithms import bias_correction, equalization, loss_aware, smooth_quant
+from .algorithms import adaround, bias_correction, equalization, loss_aware, smooth_quant
 from quantizer.calibrators import CalibrationMethod, range_errors
 from .config import AUTO, CalibrationInputs, Outputs, QuantizationConfig, method_name
 from .context import Context, Written
@@ -407,6 +408,38 @@ def _probe_sqnr(ctx: Context, model: onnx.ModelProto, samples: list[dict]) -> fl
     ranges = {**probe.compute_range(), **ctx.config.range_overrides}
     outcome = _quantized(ctx, model, ranges, keep)
     return loss_aware.output_sqnr_db(runtime.session(outcome.model), samples, _float_references(ctx, samples))
+def _adaround(ctx: Context) -> str | None:
+    """AdaRound: each Conv/Gemm/MatMul weight rounded up or down by its layer's output error."""
+    samples = _accuracy_samples(ctx)
+    if not samples:
+        ctx.notes.append("adaround skipped: it measures on calibration samples, and none were given")
+        return None
+    probe = {**_probe_ranges(ctx), **ctx.config.range_overrides}  # the ranges its check quantizes with
+    target = ctx.config.resolved_target
+    rounding = adaround.adaround(ctx.stage1, ctx.plan, target.weights, samples,
+                                 iterations=ctx.config.adaround_iterations,
+                                 input_ranges={k: v for k, v in probe.items() if k not in ctx.config.wide_tensors},
+                                 activation_spec=target.activations, sizes=_tensor_bytes(ctx),
+                                 show_progress=ctx.config.show_progress)
+    rounding.unrounded = ctx.stage1
+    ctx.stage1 = adaround.apply(ctx.stage1, rounding)
+    ctx.rounding = rounding
+    summary = rounding.summary()
+    return (f"{summary['rounded']} weights rounded (layer error x{summary['median_error_ratio']:.2f} of nearest's, "
+            f"median), {summary['seconds']:.1f} s")
+
+
+def _check_adaround(ctx: Context) -> str:
+    """Keep the AdaRounded weights only if the quantized model's outputs are not further
+    from float with them, on the accuracy samples (before bias correction measures on them)."""
+    rounding = ctx.rounding
+    scores = _output_scores(ctx, {"rounded": ctx.stage1, "nearest": rounding.unrounded})
+    rounding.kept = scores["rounded"] >= scores["nearest"]
+    rounding.output_sqnr_db = scores
+    if not rounding.kept:
+        ctx.stage1 = rounding.unrounded
+    return (f"{'kept' if rounding.kept else 'dropped'}: output SQNR {scores['rounded']:.1f} dB rounded, "
+            f"{scores['nearest']:.1f} dB nearest")
 
 
 def _save_calibration(ctx: Context) -> str:
@@ -470,10 +503,29 @@ def _float_references(ctx: Context, samples: list[dict]) -> list:
     """The float model's outputs on the accuracy samples (before any bias correction:
     the function the checks compare against), computed once per run."""
     if ctx.accuracy_references is None:
-        corrections = ctx.bias_corrections
-        session = runtime.session(corrections.uncorrected if corrections is not None else ctx.stage1)
+        session = runtime.session(_float_stage1(ctx))
         ctx.accuracy_references = [session.run(None, dict(sample)) for sample in samples]
     return ctx.accuracy_references
+
+
+def _float_stage1(ctx: Context) -> onnx.ModelProto:
+    """The stage-1 model before the accuracy steps changed its weights or biases."""
+    if ctx.rounding is not None:
+        return ctx.rounding.unrounded
+    if ctx.bias_corrections is not None:
+        return ctx.bias_corrections.uncorrected
+    return ctx.stage1
+
+
+def _output_scores(ctx: Context, models: Mapping[str, onnx.ModelProto]) -> dict[str, float]:
+    """Each stage-1 variant's output SQNR against float, quantized with the probe ranges,
+    on the accuracy samples: how the checks of the accuracy steps decide."""
+    samples = _accuracy_samples(ctx)
+    references = _float_references(ctx, samples)
+    keep = ctx.excluded | set(ctx.keep_float)
+    probe = {**_probe_ranges(ctx), **ctx.config.range_overrides}
+    return {name: loss_aware.output_sqnr_db(runtime.session(_quantized(ctx, model, probe, keep).model), samples,
+                                            references) for name, model in models.items()}
 
 
 def _auto_fallback(ctx: Context) -> CalibrationMethod:
@@ -497,14 +549,7 @@ def _check_bias_correction(ctx: Context) -> str:
     float with them, on the accuracy samples (once per run; autotune's trials follow)."""
     corrections = ctx.bias_corrections
     if corrections.kept is None:
-        samples = _accuracy_samples(ctx)
-        references = _float_references(ctx, samples)
-        keep = ctx.excluded | set(ctx.keep_float)
-        scores = {}
-        probe = {**_probe_ranges(ctx), **ctx.config.range_overrides}
-        for name, model in (("corrected", ctx.stage1), ("uncorrected", corrections.uncorrected)):
-            outcome = _quantized(ctx, model, probe, keep)
-            scores[name] = loss_aware.output_sqnr_db(runtime.session(outcome.model), samples, references)
+        scores = _output_scores(ctx, {"corrected": ctx.stage1, "uncorrected": corrections.uncorrected})
         corrections.kept = scores["corrected"] >= scores["uncorrected"]
         corrections.output_sqnr_db = scores
     if not corrections.kept:
@@ -721,6 +766,8 @@ PREPARE = (
     Step("collect", "calibrate", _collect, lambda ctx: _calibrates(ctx) and ctx.data.source is not None),
     Step("save_calibration", "calibrate", _save_calibration,
          lambda ctx: _calibrates(ctx) and ctx.outputs.save_calibration is not None),
+    Step("adaround", "calibrate", _adaround, lambda ctx: ctx.config.adaround),
+    Step("check_adaround", "quantize", _check_adaround, lambda ctx: ctx.rounding is not None and bool(ctx.rounding.weights)),
     Step("correct_bias", "calibrate", _correct_bias, lambda ctx: ctx.config.bias_correction),
 )
 FINISH = (
@@ -739,7 +786,8 @@ PIPELINE = PREPARE + QUANTIZE + FINISH
 # Stage 2 alone (`quantize calibrate`): the state is of the stage-1 model, so nothing corrects it.
 # High-bias absorption and SmoothQuant measure on the run's accuracy samples, which differ from shard to shard.
 CALIBRATE = tuple(s for s in PREPARE if s.name not in ("correct_bias", "absorb_high_bias", "check_equalization",
-                                                        "smooth_quant")) + (Step("commit", "write", _commit),)
+                                                        "smooth_quant", "adaround", "check_adaround")) + (
+    Step("commit", "write", _commit),)
 
 
 # -- the other modes: weights first, no activation ranges --------------------------------
@@ -802,7 +850,8 @@ def _replaced(steps: Sequence[Step], by: Mapping[str, Step | None]) -> tuple[Ste
 
 
 _NO_CALIBRATION = {"prepare_calibration": None, "collect": None, "save_calibration": None, "correct_bias": None,
-                   "equalize": None, "absorb_high_bias": None, "check_equalization": None, "smooth_quant": None}
+                   "equalize": None, "absorb_high_bias": None, "check_equalization": None, "smooth_quant": None,
+                   "adaround": None, "check_adaround": None}
 _NO_RANGES = {"tensor_report": None, "save_ranges": None}
 DYNAMIC_PIPELINE = (
     *_replaced(PREPARE, {**_NO_CALIBRATION, "check_stage1": _check_weighted_plan(_dynamic_plan)}),

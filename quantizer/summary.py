@@ -59,6 +59,7 @@ class CalibrationSummary:
     selection: dict | None = None  # the auto method: which candidates won, by how much
     bias_correction: dict | None = None  # how many biases were corrected, and whether the check kept them
     smooth_quant: dict | None = None  # SmoothQuant (when it smoothed any tensor): how many, their alphas
+    adaround: dict | None = None  # how many weights AdaRound rounded, per-layer time, whether the check kept them
 
     def as_dict(self) -> dict:
         out = {"method": self.method, "samples": self.samples, "tensors": self.tensors,
@@ -69,6 +70,8 @@ class CalibrationSummary:
             out["bias_correction"] = dict(self.bias_correction)
         if self.smooth_quant is not None:
             out["smooth_quant"] = dict(self.smooth_quant)
+        if self.adaround is not None:
+            out["adaround"] = dict(self.adaround)
         if self.overridden:
             out["overridden"] = dict(self.overridden)
         return out
@@ -165,6 +168,7 @@ def build_summary(ctx) -> Summary:
             selection=ctx.range_selection.summary() if ctx.range_selection is not None else None,
             bias_correction=ctx.bias_corrections.summary() if ctx.bias_corrections is not None else None,
             smooth_quant=ctx.smoothing.summary() if ctx.smoothing is not None and ctx.smoothing.alphas else None,
+            adaround=ctx.rounding.summary() if ctx.rounding is not None else None,
         )
     elif ctx.config.mode != "static":
         calibration = CalibrationSummary("none" if ctx.hessians is None else "gptq activations (X^T X)", 0, 0)

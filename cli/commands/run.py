@@ -40,7 +40,7 @@ from ..text import format_summary, warnings
 @options.min_sqnr
 def run(model, method, data, output, target, percentage, activation_dtype, weight_range, exclude, no_protect,
         no_protect_normalization, bias_correction, equalize, accuracy_samples, smooth_quant, smooth_alpha, smooth_insert,
-        report, quiet, input_shapes, strict,
+        adaround, adaround_iterations, preset, report, quiet, input_shapes, strict,
         fidelity_samples, workers, scheduler, debug, save_calibration, load_calibration, save_ranges, ranges_file, input_types,
         output_types, input_ranges, optimize_only, report_samples, min_sqnr, mode, weight_bits, block_size,
         weight_symmetric, weight_unsigned, weight_algorithm, no_embeddings, wide_tensors, **data_forms):
@@ -66,7 +66,8 @@ def run(model, method, data, output, target, percentage, activation_dtype, weigh
             report_samples=report_samples if report else 0, range_overrides=overrides,
             show_progress=False if quiet else None, strict=strict, wide_tensors=wide_tensors,
             **options.accuracy_steps(no_protect_normalization, bias_correction, accuracy_samples, equalize=equalize,
-                                     smooth_quant=smooth_quant, smooth_alpha=smooth_alpha, smooth_insert=smooth_insert),
+                                     smooth_quant=smooth_quant, smooth_alpha=smooth_alpha, smooth_insert=smooth_insert,
+                                     adaround=adaround, adaround_iterations=adaround_iterations, preset=preset),
         )
         if mode == "static" and not (data or load_calibration or ranges_file):
             raise UsageError("--data is required: a folder of .npy/.npz calibration samples "

@@ -30,7 +30,7 @@ from ..text import format_summary, format_trial, warnings
 @options.min_sqnr
 def tune(model, eval_script, tolerable_loss, max_trials, methods, data, output, target, percentage, activation_dtype,
          weight_range, exclude, no_protect, no_protect_normalization, bias_correction, equalize, accuracy_samples,
-         smooth_quant, smooth_alpha, smooth_insert, report, quiet,
+         smooth_quant, smooth_alpha, smooth_insert, adaround, adaround_iterations, preset, report, quiet,
          input_shapes, strict, fidelity_samples, workers, scheduler, debug, report_samples,
          min_sqnr, **data_forms):
     """Quantize MODEL trying methods, then float fallbacks, until the metric of --eval is
@@ -45,7 +45,8 @@ def tune(model, eval_script, tolerable_loss, max_trials, methods, data, output, 
         out = output or default_output(model, "int8")
         data_arg = options.data_argument(data, data_forms)
         steps = options.accuracy_steps(no_protect_normalization, bias_correction, accuracy_samples, equalize=equalize,
-                                       smooth_quant=smooth_quant, smooth_alpha=smooth_alpha, smooth_insert=smooth_insert)
+                                       smooth_quant=smooth_quant, smooth_alpha=smooth_alpha, smooth_insert=smooth_insert,
+                                       adaround=adaround, adaround_iterations=adaround_iterations, preset=preset)
         with options.cluster(workers, scheduler) as client:
             result = autotune(
                 model, data_arg, eval_fn, tolerable_loss, max_trials, list(methods) or list(DEFAULT_METHODS),

@@ -34,7 +34,7 @@ from onnx import helper, numpy_helper
 from tqdm import tqdm
 
 from .. import runtime
-from ..qdq.params import quantize_weight, weight_scales
+from ..qdq.params import quantize_weight, spec_weight_scales
 from .loss_aware import MEMORY_BUDGET, UNKNOWN_BYTES, recorded_chunks
 
 CORRECTED_OPS = frozenset({"Conv", "Gemm"})
@@ -59,9 +59,7 @@ class Corrections:
 
 def _quantized_weight(weight: np.ndarray, axis: int | None, spec) -> np.ndarray:
     """The weight as Q/DQ insertion emits it, dequantized (weights are symmetric, zero point 0)."""
-    scales = weight_scales(weight, axis, spec.qmax)
-    if not spec.scale.is_identity:
-        scales = spec.scale.apply(scales)
+    scales = spec_weight_scales(weight, axis, spec)
     shape = [1] * weight.ndim
     if axis is not None:
         shape[axis] = -1

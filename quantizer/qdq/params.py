@@ -108,6 +108,13 @@ def weight_scales(weight: np.ndarray, axis: int | None, qmax: int = 127) -> np.n
     return np.where(scales > _TINY, scales, np.float32(1.0)).astype(np.float32)
 
 
+def spec_weight_scales(weight: np.ndarray, axis: int | None, spec) -> np.ndarray:
+    """The scales Q/DQ insertion emits for ``weight`` under a target's weight spec
+    (``targets.WeightSpec``: its range and scale rule), before any widening for an int32 bias."""
+    scales = weight_scales(weight, axis, spec.qmax)
+    return scales if spec.scale.is_identity else spec.scale.apply(scales)
+
+
 def widen_for_bias(
     w_scales: np.ndarray, bias: np.ndarray, input_scale: float
 ) -> np.ndarray:
