@@ -1379,7 +1379,8 @@ class DataSource:
         for index, sample in enumerate(iter_samples(items, specs)):
             yield str(index), sample
 
-    def spread_samples(self, specs: list[InputSpec], n: int) -> Iterator[tuple[str, Sample]]:
+    def spread_samples(self, specs: list[InputSpec], n: int,
+                       before_streaming: bool = False) -> Iterator[tuple[str, Sample]]:
         """``n`` samples spread evenly over the whole source (first, last and evenly
         between, in this source's order), checked, each with its name: the accuracy
         steps' samples.  A folder sorted by class or by recording then still gives them
@@ -1387,7 +1388,9 @@ class DataSource:
         every ``_spread_stride``-th sample, then ``n`` of those evenly (the last one
         included when the source holds at most ``2 n``), so that a one-shot iterator, which
         cannot be read again, keeps the same ones as they pass (``_Thinned``: the source's
-        ``spread`` must then be at least ``n``)."""
+        ``spread`` must then be at least ``n``).  ``before_streaming``: asked before
+        calibration reads the source (a step that changes the model calibration sees), when
+        a one-shot iterator cannot be spread over: its first ``n``, held for calibration."""
         if self.source is None or n <= 0:
             return
         if self._path is not None:
@@ -1397,6 +1400,10 @@ class DataSource:
             order = self._orders[plan.count]
             positions = [order[i] for i in _spread(len(order), n)]
             yield from plan.iterate(positions, ordered=all(a < b for a, b in zip(positions, positions[1:])))
+            return
+        if self.one_shot and before_streaming and not self._streamed:
+            self._fill(n)
+            yield from ((str(i), sample) for i, sample in enumerate(iter_samples(self._head[:self._limit(n)], specs)))
             return
         if self.one_shot:
             if not self._streamed:  # calibration has not read it (e.g. statistics from saved states)

@@ -327,8 +327,13 @@ def _accuracy_samples(ctx: Context) -> list[dict]:
     """The samples the accuracy steps measure on, spread over the calibration data and
     read once per run."""
     if ctx.accuracy_samples is None:
-        ctx.accuracy_samples = [sample for _, sample in
-                                ctx.data.spread_samples(input_specs(ctx.original), ctx.config.accuracy_samples)]
+        early = _calibrates(ctx) and not (ctx.calibrator is not None and ctx.calibrator.samples_seen)
+        if early and ctx.data.one_shot and not ctx.inputs.states:
+            ctx.notes.append(f"the accuracy steps measure on the first {ctx.config.accuracy_samples} samples: a step "
+                             "before calibration needs them and a one-shot iterator cannot be spread over "
+                             "(a list or a folder can)")
+        ctx.accuracy_samples = [sample for _, sample in ctx.data.spread_samples(
+            input_specs(ctx.original), ctx.config.accuracy_samples, before_streaming=early and not ctx.inputs.states)]
     return ctx.accuracy_samples
 
 

@@ -306,3 +306,23 @@ def test_cli_flags(tmp_path):
     assert "smooth_quant" not in reports["off"]
     bad = CliRunner().invoke(cli, base + ["--smooth-alpha", "2", "-o", str(tmp_path / "bad.onnx")])
     assert bad.exit_code == 2 and not (tmp_path / "bad.onnx").exists()
+
+
+def test_a_one_shot_iterator_is_smoothed_on_its_first_samples_and_calibrated_on_all():
+    """SmoothQuant measures before calibration reads the data: a generator cannot be read
+    twice, so the step takes its first samples (held for calibration) and calibration
+    still sees every sample -- with the same statistics as the list."""
+    model = _outlier_layernorm_model()
+    rng = np.random.default_rng(5)
+    calib = [{"x": rng.normal(0, 1, (1, 16, 32)).astype(np.float32)} for _ in range(12)]
+    config = QuantizationConfig(target="ort-cpu-x86", bias_correction=False, method="min_max_asym",
+                                accuracy_samples=4, show_progress=False)
+    from_iter = quantize_model(model, (s for s in calib), config=config)
+    assert from_iter.summary["calibration"]["samples"] == 12
+    assert from_iter.summary["calibration"]["smooth_quant"]["smoothed"] == 1
+    assert any("first 4 samples" in note for note in from_iter.summary["notes"])
+    # the same first samples given as a list of four give the same smoothing factors
+    first_four = quantize_model(model, calib[:4], config=config)
+    for key in ("alpha_median", "median_error_ratio", "output_sqnr_db"):
+        assert from_iter.summary["calibration"]["smooth_quant"][key] == \
+            first_four.summary["calibration"]["smooth_quant"][key]
