@@ -360,10 +360,11 @@ def _smooth_quant(ctx: Context) -> str | None:
     """SmoothQuant, before calibration: the ranges are then calibrated on the smoothed model.
     A state saved or merged in this run must be of the stage-1 model, so it is skipped then."""
     keep = ctx.excluded | set(ctx.keep_float)
+    if not smooth_quant.candidates(ctx.stage1, ctx.plan, keep, ctx.config.smooth_insert):
+        return None  # nothing to measure: the samples are not read here
     if ctx.inputs.states or ctx.outputs.save_calibration is not None:
-        if smooth_quant.candidates(ctx.stage1, ctx.plan, keep, ctx.config.smooth_insert):
-            ctx.notes.append("SmoothQuant skipped: a calibration state saved or loaded in a run is of the "
-                             "unsmoothed model")
+        ctx.notes.append("SmoothQuant skipped: a calibration state saved or loaded in a run is of the "
+                         "unsmoothed model")
         return None
     samples = _accuracy_samples(ctx)
     target = ctx.config.resolved_target
