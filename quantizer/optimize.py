@@ -287,6 +287,26 @@ def _densify_sparse(proto: onnx.ModelProto) -> int:
     return changed
 
 
+def _restore_output_names(graph: ir.Graph, names: list[str]) -> int:
+    """Give every graph output its own name back.  Removing a no-op (a Reshape to the same
+    shape, an Identity) between two graph outputs leaves one value in both places, under
+    one name: the model's outputs would be [t1, t1] instead of [t1, t0].  Such an output
+    gets an Identity carrying its name.  Returns the number added."""
+    added = 0
+    for index, (value, name) in enumerate(zip(list(graph.outputs), names)):
+        if value.name == name:
+            continue
+        for node in graph:  # an inner value under that name gives it up (inner names are ours)
+            for out in node.outputs:
+                if out.name == name:
+                    out.name = None
+        copy = ir.Value(name=name, type=value.type, shape=value.shape)
+        graph.append(ir.Node("", "Identity", [value], outputs=[copy]))
+        graph.outputs[index] = copy
+        added += 1
+    return added
+
+
 def _restore_output_dims(original: onnx.ModelProto, optimized: onnx.ModelProto) -> None:
     """Give the stage-1 outputs the declared symbolic dim names (``batch``) where the
     inferred shape agrees in rank and leaves the dim unknown; never a declared number."""
@@ -447,6 +467,7 @@ def optimize_model(model, input_shapes: Mapping[str, Sequence[int]] | None = Non
     if input_shapes:
         _fix_input_shapes(ir_model, input_shapes)
     names = _user_names(ir_model.graph)
+    output_names = [value.name for value in ir_model.graph.outputs]
     try:
         if not conservative:
             _explicit_same_pads(ir_model)
@@ -459,6 +480,7 @@ def optimize_model(model, input_shapes: Mapping[str, Sequence[int]] | None = Non
         repair_subgraph_outputs(ir_model)  # identity elimination may break If/Loop bodies
         ir_passes.RemoveUnusedNodesPass()(ir_model)
         _restore_user_names(ir_model.graph, names)
+        _restore_output_names(ir_model.graph, output_names)
         ir_passes.NameFixPass()(ir_model)
         ir_passes.TopologicalSortPass()(ir_model)
     except Exception as exc:

@@ -116,3 +116,25 @@ def test_one_first_optimizer_round_gives_the_graph_of_two(monkeypatch, build, re
     assert [n.SerializeToString() for n in fast.graph.node] == [n.SerializeToString() for n in slow.graph.node]
     assert sorted(i.SerializeToString() for i in fast.graph.initializer) == \
         sorted(i.SerializeToString() for i in slow.graph.initializer)
+
+
+def test_two_outputs_joined_by_a_removed_no_op_keep_their_own_names():
+    """A Reshape to the same shape between two graph outputs is removed by the optimizer;
+    the output it made must keep its name (found by the property tests: the outputs came
+    out as [t1, t1] for [t1, t0], so a caller reading 't0' got nothing)."""
+    from onnx import TensorProto, helper
+
+    shape = [1, 2, 1, 1]
+    nodes = [helper.make_node("GlobalAveragePool", ["x"], ["t0"]),
+             helper.make_node("Reshape", ["t0", "k"], ["t1"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("t1", TensorProto.FLOAT, shape),
+                               helper.make_tensor_value_info("t0", TensorProto.FLOAT, shape)],
+                              [onnx.numpy_helper.from_array(np.array(shape, np.int64), "k")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    optimized = optimize_model(model)
+    assert [o.name for o in optimized.graph.output] == ["t1", "t0"]
+    onnx.checker.check_model(optimized, full_check=True)
+    x = {"x": np.random.default_rng(0).normal(size=(1, 2, 4, 4)).astype(np.float32)}
+    for want, got in zip(run(model, x), run(optimized, x)):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
