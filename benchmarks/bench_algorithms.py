@@ -42,11 +42,15 @@ CONFIGS = {
     "mse_asym + bias correction": {"method": "mse_asym"},
     "default": {},  # auto + bias correction (checked)
     "no normalization protection": {"protect_normalization": False},
+    "accuracy samples 8": {"accuracy_samples": 8},  # the default measuring on twice the samples
     "equalize": {"equalize": True},  # default + cross-layer equalization with high-bias absorption
     "no smooth quant": {"smooth_quant": False},  # default without SmoothQuant
     "smooth quant alpha 0.5": {"smooth_alpha": 0.5},  # SmoothQuant's paper default, no search
     "smooth quant with inserted Mul": {"smooth_insert": True},  # also where no fold exists (a float Mul)
     "adaround": {"adaround": True},  # auto + AdaRound (checked) + bias correction: --preset accurate
+    # the default on a target that quantizes every tensor of a quantized op (x86 placement before
+    # "only what an integer op reads"); this machine resolves ort-cpu to ort-cpu-x86
+    "every tensor quantized": {"target": str(HERE / "targets" / "ort-cpu-x86-every-tensor.toml")},
 }
 DEFAULT_CONFIGS = "min_max_asym,entropy_asym,mse_asym,percentile_asym,auto without bias correction,default"
 
@@ -61,9 +65,12 @@ def git_head() -> str:
 
 
 def cosine(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
-    """Mean cosine similarity to float of each output's rows (axis 0), all outputs pooled."""
+    """Mean cosine similarity to float of each output's rows (axis 0), all outputs pooled;
+    a 1-D output is one row (the cosine of a single value is only its sign)."""
     values = []
     for f, q in zip(reference, outputs):
+        if f.ndim < 2:  # one sequence (a VAD's frame probabilities): one row, not one per value
+            f, q = f[None], q[None]
         f, q = f.reshape(len(f), -1).astype(np.float64), q.reshape(len(q), -1).astype(np.float64)
         norms = np.linalg.norm(f, axis=1) * np.linalg.norm(q, axis=1)
         values.extend(np.sum(f * q, axis=1) / np.where(norms > 0, norms, 1.0))

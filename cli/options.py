@@ -25,7 +25,7 @@ FLAGS = {
     "accuracy_samples": "--accuracy-samples", "report_samples": "--report-samples", "range_overrides": "--input-range",
     "min_sqnr_db": "--min-sqnr", "strict": "--strict", "fidelity_samples": "--fidelity-samples", "model": "-o", "report": "--report", "save_ranges": "--save-ranges",
     "save_calibration": "--save-calibration", "max_trials": "--max-trials", "tolerable_loss": "--tolerable-loss",
-    "ranges": "--ranges", "load_calibration": "--load-calibration",
+    "ranges": "--ranges", "load_calibration": "--load-calibration", "integer_outputs": "--output-type",
     "input_types": "--input-type", "output_types": "--output-type",
     "max_samples": "--max-samples", "shard": "--shard", "workers": "--workers", "scheduler": "--scheduler", "shuffle_seed": "--shuffle-seed", "preprocess": "--preprocess",
     "images": "--preprocess/--image-*", "images.size": "--image-size", "images.layout": "--image-layout",

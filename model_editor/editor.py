@@ -109,6 +109,22 @@ def _node(names: UniqueNames, op_type: str, inputs, like: ir.Value, dtype=None,
     return ir.Node("", op_type, list(inputs), outputs=[out], name=names(node_name))
 
 
+def _quantize_float_output(graph: ir.Graph, index: int, y: ir.Value, tensor_name: str, dtype: str,
+                           tensor_range: tuple[float, float]) -> QuantizedIO:
+    """Graph output ``index`` (``y``, computed in float) becomes its QuantizeLinear to
+    ``tensor_range``; nodes that read ``y`` inside the graph keep reading the float value."""
+    params = activation_params(*tensor_range, dtype)
+    names = _graph_names(graph)
+    scale = _initializer(graph, names, f"{tensor_name}_output_scale", params.scale)
+    zero_point = _initializer(graph, names, f"{tensor_name}_output_zero_point", params.zero_point)
+    made = _node(names, "QuantizeLinear", [y, scale, zero_point], y, _IR_TYPES[dtype], node_name=f"{tensor_name}_quantize")
+    graph.append(made)
+    graph.outputs[index] = made.outputs[0]
+    y.name = names(f"{tensor_name}_float")
+    made.outputs[0].name = tensor_name
+    return QuantizedIO("output", tensor_name, dtype, float(params.scale), int(params.zero_point))
+
+
 class ModelEditor:
     """Edit the inputs/outputs of a quantized (QDQ) model in place.
 
@@ -210,8 +226,9 @@ class ModelEditor:
         The output's DequantizeLinear is removed. With ``tensor_range`` (min, max), or when
         the requested type differs from the activations' type, the output is requantized
         to the new parameters instead (DequantizeLinear -> QuantizeLinear). Float nodes
-        that read the output keep reading its dequantized value. Returns the parameters to
-        dequantize with.
+        that read the output keep reading its dequantized value. An output computed in
+        float (no DequantizeLinear: a result the quantizer left float) is quantized to
+        ``tensor_range``, which it then needs. Returns the parameters to dequantize with.
         """
         dtype = parse_tensor_type(tensor_type)
         if tensor_range is not None:
@@ -230,7 +247,12 @@ class ModelEditor:
             if dequantize is None or dequantize.op_type != "DequantizeLinear":
                 made_by = (f"made by {dequantize.op_type} '{dequantize.name}'" if dequantize is not None
                            else "not made by a node")
-                raise ModelError(f"output '{tensor_name}' has no DequantizeLinear to remove (it is {made_by}, in float)")
+                if tensor_range is None:
+                    raise ModelError(
+                        f"output '{tensor_name}' is float ({made_by}; a quantizer leaves a result that only float "
+                        f"ops read unquantized): give its range, `output_types` {tensor_name}={dtype}:MIN,MAX, or "
+                        f"make it an integer output in the quantize run (`integer_outputs`)")
+                return _quantize_float_output(graph, index, y, tensor_name, dtype, tensor_range)
             scale, zero_point = _qdq_params(dequantize, f"output '{tensor_name}'")
             if tensor_range is not None:
                 params = activation_params(*tensor_range, dtype)

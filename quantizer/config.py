@@ -171,6 +171,9 @@ class QuantizationConfig:
     feedback over the calibration activations: needs data).
     wide_tensors: static mode: activation tensors quantized at the target's 16-bit type
     (`activations.wide_dtype`: int16 for tflite) instead of 8 bits.
+    integer_outputs: graph outputs the deployment reads as integers (the model editor
+    makes them uint8/int8): they keep their Q/DQ where the target leaves a result that
+    only float ops read in float (`placement.float_when_unread`).
     embeddings: dynamic and weight-only: also the constant tables Gather reads rows of
     (embeddings), as onnxruntime's GatherBlockQuantized, at 8 bits whatever `weight_bits`
     says (their rows feed a LayerNorm directly: 4-bit tables cost 2.2 dB of output SQNR on
@@ -207,6 +210,7 @@ class QuantizationConfig:
     weight_algorithm: str = "rtn"
     embeddings: bool = True
     wide_tensors: tuple[str, ...] = ()
+    integer_outputs: tuple[str, ...] = ()
     # The target with the overrides applied: what the steps read (set in __post_init__).
     resolved_target: Target = field(init=False, repr=False, compare=False, default=None)
 
@@ -237,7 +241,10 @@ class QuantizationConfig:
         try:
             target = load_target(self.target)
             set_(self, "target", target)
-            set_(self, "resolved_target", target.choose(self.activation_dtype, self.weight_range))
+            integer_outputs = (self.integer_outputs,) if isinstance(self.integer_outputs, str) else tuple(self.integer_outputs or ())
+            set_(self, "integer_outputs", integer_outputs)
+            set_(self, "resolved_target", replace(target.choose(self.activation_dtype, self.weight_range),
+                                                  integer_outputs=frozenset(integer_outputs)))
         except TargetError as exc:
             raise UsageError(f"`target`: {exc}") from exc
         set_(self, "exclude", Scope.of(self.exclude))

@@ -942,6 +942,7 @@ def quantize_model(
     weight_algorithm: str | None = None,
     embeddings: bool | None = None,
     wide_tensors: Iterable[str] | None = None,
+    integer_outputs: Iterable[str] | None = None,
 ) -> QuantizationResult:
     """optimize -> calibrate -> quantize, as the pipeline's steps.
 
@@ -962,6 +963,8 @@ def quantize_model(
     result) or "weight-only" (``weight_bits``, ``block_size``, ``weight_symmetric``,
     ``weight_signed``, ``weight_algorithm``, ``embeddings``: see QuantizationConfig).
     ``wide_tensors``: tensors quantized at the target's 16-bit activation type.
+    ``integer_outputs``: graph outputs that will be made integer (the model editor): they
+    keep their Q/DQ where the target would leave an output only float ops read in float.
     """
     config = QuantizationConfig.build(
         config, method=method, percentile=percentage, input_shapes=input_shapes, target=target,
@@ -969,7 +972,8 @@ def quantize_model(
         show_progress=show_progress, range_overrides=range_overrides, protect=protect,
         report_samples=report_samples, strict=strict, mode=mode, weight_bits=weight_bits, block_size=block_size,
         weight_symmetric=weight_symmetric, weight_signed=weight_signed, weight_algorithm=weight_algorithm,
-        embeddings=embeddings, wide_tensors=wide_tensors)
+        embeddings=embeddings, wide_tensors=wide_tensors,
+        integer_outputs=tuple(integer_outputs) if integer_outputs is not None else None)
     inputs = CalibrationInputs(dataset, load_calibration, ranges)
     ctx = run(new_context(model, config, inputs, Outputs(save_calibration=save_calibration), client=client))
     return QuantizationResult(ctx.outcome.model, ctx.ranges, ctx.summary)

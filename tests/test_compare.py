@@ -146,7 +146,11 @@ def test_tensors_match_numpy_worst_first(int8_proto, int8_path):
     assert values == sorted(values)
 
 
-def test_edited_int8_model_with_uint8_input_and_output(int8_proto, int8_path, tmp_path):
+def test_edited_int8_model_with_uint8_input_and_output(tmp_path):
+    # logits, an output only float would read, keeps its Q/DQ when the run is told it is an integer output
+    int8_proto = quantize_model(SAMPLE_MODEL, SAMPLE_CALIB, integer_outputs=("logits",), show_progress=False).model
+    int8_path = tmp_path / "digits_int8.onnx"
+    onnx.save(int8_proto, int8_path)
     edited = onnx.ModelProto()
     edited.CopyFrom(int8_proto)
     editor = ModelEditor(edited)

@@ -66,12 +66,14 @@ def _builders_rng_unchanged():
 @pytest.fixture(scope="module", params=["int8", "uint8"])
 def branchy(request):
     """The quantized branchy model (x -> two Convs ... -> Softmax 'prob'), per activation type."""
-    return quantize_model(branchy_model(), SAMPLES, activation_dtype=request.param, show_progress=False).model
+    return quantize_model(branchy_model(), SAMPLES, activation_dtype=request.param, integer_outputs=["prob"],
+                          show_progress=False).model
 
 
 @pytest.fixture(scope="module")
 def branchy_int8():
-    return quantize_model(branchy_model(), SAMPLES, activation_dtype="int8", show_progress=False).model
+    return quantize_model(branchy_model(), SAMPLES, activation_dtype="int8", integer_outputs=["prob"],
+                          show_progress=False).model
 
 
 @pytest.mark.parametrize("requested", [TensorType.UINT8, TensorType.INT8])
@@ -211,7 +213,7 @@ def test_raw_uint8_pixels_match_the_float_pipeline(digits_test, activation_dtype
     are the quantized input (scale 1/255, zero point 0)."""
     x, y = digits_test
     quantized = quantize_model(SAMPLE_MODEL, SAMPLE_CALIB, activation_dtype=activation_dtype,
-                               range_overrides={"input": (0, 1)}, show_progress=False)
+                               range_overrides={"input": (0, 1)}, integer_outputs=("logits",), show_progress=False)
     assert quantized.ranges["input"] == (0, 1)
     edited = copy(quantized.model)
     editor = ModelEditor(edited)
@@ -270,7 +272,7 @@ def _excluded(names):
         (lambda: _excluded(["conv", "conv_other"]), lambda e: e.convert_input_type("x", "uint8"),
          ModelError, "input 'x' has no QuantizeLinear to remove"),
         (lambda: _excluded(["softmax"]), lambda e: e.convert_output_type("prob", "uint8"),
-         ModelError, "output 'prob' has no DequantizeLinear to remove (it is made by Softmax 'softmax'"),
+         ModelError, "output 'prob' is float (made by Softmax 'softmax'; a quantizer leaves a result"),
     ],
 )
 def test_errors_leave_the_model_unchanged(branchy_int8, model_fn, call, error, text):
@@ -324,6 +326,10 @@ def test_cli_edit_an_already_quantized_model(tmp_path):
     quantized, edited = tmp_path / "m_int8.onnx", tmp_path / "m_int8_edited.onnx"
     assert invoke(SAMPLE_MODEL, "--data", SAMPLE_CALIB, "-o", quantized, "-q").exit_code == 0
     r = invoke("edit", quantized, "--input-type", "input=UINT8", "--output-type", "logits=uint8")
+    # logits is a Gemm's float output in this model (nothing integer reads it): it needs a range
+    assert r.exit_code != 0 and "output 'logits' is float" in r.output and "logits=uint8:MIN,MAX" in r.output
+    assert "Traceback" not in r.output and not edited.exists()
+    r = invoke("edit", quantized, "--input-type", "input=UINT8", "--output-type", "logits=uint8:-30,30")
     assert r.exit_code == 0, r.output
     assert f"wrote {edited}" in r.output and "input 'input': uint8" in r.output
     io = read_io(onnx.load(edited))

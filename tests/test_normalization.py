@@ -118,4 +118,7 @@ def test_kept_float_and_far_more_accurate(form, target):
     kept_db = min(sqnr_db(run(model, s), run(kept.model, s)) for s in held_out)
     pieces_db = min(sqnr_db(run(model, s), run(pieces.model, s)) for s in held_out)
     assert kept_db > 17.0  # what int8 at the block's input and output leaves
-    assert kept_db > pieces_db + 5.0  # quantized piece by piece: 13-15 dB (ort-cpu), below 0 dB (tensorrt)
+    # Quantized piece by piece: below 0 dB on tensorrt (kept: 18.9).  On ort-cpu the pieces
+    # that only float ops read stay float anyway (the placement's own rule), which leaves
+    # 22.2-22.5 dB there against 24.6-24.7 kept (13-15 dB before that rule).
+    assert kept_db > pieces_db + {"ort-cpu": 1.5, "tensorrt": 5.0}[target]

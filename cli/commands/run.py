@@ -65,6 +65,7 @@ def run(model, method, data, output, target, percentage, activation_dtype, weigh
             weight_range=weight_range, exclude=exclude, protect=not no_protect,
             report_samples=report_samples if report else 0, range_overrides=overrides,
             show_progress=False if quiet else None, strict=strict, wide_tensors=wide_tensors,
+            integer_outputs=tuple(out_types),
             **options.accuracy_steps(no_protect_normalization, bias_correction, accuracy_samples, equalize=equalize,
                                      smooth_quant=smooth_quant, smooth_alpha=smooth_alpha, smooth_insert=smooth_insert,
                                      adaround=adaround, adaround_iterations=adaround_iterations, preset=preset),

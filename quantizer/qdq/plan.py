@@ -208,6 +208,12 @@ def build_plan(model: ir.Model, skip: Iterable[str] = frozenset(), target=None) 
             candidates.append(node)
         elif node.op_type not in fused or node.name in skip:
             plan.float_reasons[node.name] = reason
+    readers = None
+    if on_outputs and target.float_when_unread:
+        readers = _IntegerReaders(candidates, rules, fused, rescale_nodes, target.integer_outputs)
+        for node in readers.drop_unread(candidates):
+            candidates.remove(node)
+            plan.float_reasons[node.name] = UNREAD_REASON
 
     def add_tensor(value: ir.Value) -> None:
         plan.tensors.setdefault(value.name, value)
@@ -277,6 +283,9 @@ def build_plan(model: ir.Model, skip: Iterable[str] = frozenset(), target=None) 
                     # Relu6-like: its bounds are the range, so that no calibration method
                     # cuts off the mass saturated at the upper bound.
                     plan.fixed_ranges[absorbed.outputs[0].name] = bounds
+            elif (readers is not None and node.op_type in target.float_output_ops and not readers.reads(out)
+                  and not _fuses_into_float_gemm(node, out)):
+                continue  # integer inputs, float output (onnxruntime's MatMulIntegerToFloat, QGemm)
             else:
                 add_tensor(out)
 
@@ -311,6 +320,68 @@ def build_plan(model: ir.Model, skip: Iterable[str] = frozenset(), target=None) 
         if node.op_type in fused and node not in plan.absorbed_nodes:
             plan.float_reasons.setdefault(node.name, "runs in float (not after a quantized op)")
     return plan
+
+
+def _fuses_into_float_gemm(node: ir.Node, out: ir.Value) -> bool:
+    """onnxruntime turns a MatMul with a static input shape followed by a bias Add into a
+    float Gemm (MatMulAddFusion) before its Q/DQ fusions: without a Q on the MatMul's
+    output it would then run in float, so that output keeps its Q (QLinearMatMul)."""
+    if node.op_type != "MatMul" or node.inputs[0] is None:
+        return False
+    shape = node.inputs[0].shape
+    static = shape is not None and all(isinstance(d, int) for d in shape)
+    return static and any(user.op_type == "Add" and any(_is_constant(v) for v in user.inputs if v is not out)
+                          for user in out.consumers())
+
+
+UNREAD_REASON = "no integer op reads its result (a Q/DQ would only round it)"
+
+
+class _IntegerReaders:
+    """Which tensors an integer op reads, looking through the readers that pass a tensor
+    on (shared-parameter ops, fused activations, folded scalar Muls); a graph output has
+    no integer reader unless the deployment reads it as one (``integer_outputs``).
+    ``drop_unread`` takes the candidates without a weight that compute their own output
+    parameters (Add, Mul, Sigmoid, AveragePool, ...) and that no integer op reads out of
+    the quantized set, to a fixpoint: a residual Add into a float LayerNormalization, then
+    the bias Add before it."""
+
+    def __init__(self, candidates: list[ir.Node], rules: Mapping[str, OpRule], see_through: frozenset[str],
+                 rescale_nodes: set[int], integer_outputs: frozenset[str] = frozenset()):
+        self.quantized = {id(n) for n in candidates}
+        self.rules, self.see_through, self.rescale_nodes = rules, see_through, rescale_nodes
+        self.integer_outputs = integer_outputs
+
+    def reads(self, value: ir.Value, seen: set[int] | None = None) -> bool:
+        if value.is_graph_output() and value.name in self.integer_outputs:
+            return True  # the deployment reads it as an integer (the model editor's outputs)
+        seen = set() if seen is None else seen
+        for user in value.consumers():
+            if id(user) in seen:
+                continue
+            seen.add(id(user))
+            passes = (id(user) in self.rescale_nodes or user.op_type in self.see_through
+                      or (id(user) in self.quantized and self.rules[user.op_type].output == SHARED))
+            if passes:
+                if any(self.reads(out, seen) for out in user.outputs):
+                    return True
+            elif id(user) in self.quantized:
+                return True
+        return False
+
+    def drop_unread(self, candidates: list[ir.Node]) -> list[ir.Node]:
+        rules = self.rules
+        elementwise = [n for n in candidates if rules[n.op_type].weight is None and rules[n.op_type].output != SHARED]
+        dropped: list[ir.Node] = []
+        changed = True
+        while changed:
+            changed = False
+            for node in elementwise:
+                if id(node) in self.quantized and not any(self.reads(out) for out in node.outputs):
+                    self.quantized.discard(id(node))
+                    dropped.append(node)
+                    changed = True
+        return dropped
 
 
 def _bias_fits(node: ir.Node, bias: ir.Value, weight: ir.Value, axis: int | None) -> bool:

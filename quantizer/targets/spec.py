@@ -91,6 +91,15 @@ class Target:
     a DequantizeLinear with a scaled scale (no op at run time).
     rewrites: stage-1 rewrite families (quantizer/rewrites.py) that help this backend.
     report_fusion: after writing, report which nodes onnxruntime runs in integer kernels.
+    float_when_unread: an op without a weight (Add, Mul, Sigmoid, AveragePool, ...) whose
+    result no integer op reads -- a residual join into a float LayerNormalization, a
+    graph output -- stays float (with "outputs" placement): its Q/DQ would only round
+    that result.
+    float_output_ops: ops the backend runs with integer inputs and a float output
+    (onnxruntime: MatMul as MatMulIntegerToFloat, Gemm as QGemm); with
+    ``float_when_unread``, such an op whose result no integer op reads gets no Q.
+    integer_outputs: graph outputs the deployment reads as integers (set per run from
+    ``QuantizationConfig.integer_outputs``): they count as read by an integer op.
     modes: the kinds of quantization the backend runs fast (MODES): "static" Q/DQ,
     "dynamic" (int8 weights, activations quantized at run time), "weight-only" (int8/int4
     block-quantized weights, float compute).
@@ -107,6 +116,9 @@ class Target:
     fold_scalar_mul: bool = False
     rewrites: tuple[str, ...] = ()
     report_fusion: bool = False
+    float_when_unread: bool = False
+    float_output_ops: frozenset[str] = frozenset()
+    integer_outputs: frozenset[str] = frozenset()
     modes: tuple[str, ...] = ("static",)
     requested: str = ""  # what the user asked for ("ort-cpu" resolves to a machine's preset)
     source: str = ""  # "preset" or the file it came from
@@ -150,6 +162,8 @@ class Target:
             "bias": self.bias,
             "placement": {"qdq": self.placement, "fused_activations": sorted(self.fused_activations),
                           "fold_scalar_mul": self.fold_scalar_mul, "rewrites": list(self.rewrites),
+                          "float_when_unread": self.float_when_unread,
+                          "float_output_ops": sorted(self.float_output_ops),
                           "report_fusion": self.report_fusion},
             "modes": list(self.modes),
             "ops": {op: rule.as_dict() for op, rule in sorted(self.ops.items())},
@@ -166,7 +180,7 @@ _SCHEMA = {
                 "scale": {"power_of_two": bool, "minimum": (int, float)}},
     "bias": {"dtype": str},
     "placement": {"qdq": str, "fused_activations": list, "fold_scalar_mul": bool, "rewrites": list,
-                  "report_fusion": bool},
+                  "report_fusion": bool, "float_when_unread": bool, "float_output_ops": list},
     "ops": dict,
 }
 
@@ -281,6 +295,9 @@ def from_mapping(data: Mapping, *, known_rewrites=(), source: str = "preset") ->
     fused = placement.get("fused_activations", ["Relu", "Clip"])
     if not all(isinstance(f, str) for f in fused):
         raise TargetError(f"`placement.fused_activations` must list op types, got {fused!r}")
+    float_outputs = placement.get("float_output_ops", [])
+    if not all(isinstance(f, str) for f in float_outputs):
+        raise TargetError(f"`placement.float_output_ops` must list op types, got {float_outputs!r}")
     return Target(
         name=str(data["name"]), description=str(data.get("description", "")),
         activations=ActivationSpec(dtype, dtypes, symmetric, _scale(act.get("scale", {}), "activations.scale"),
@@ -292,5 +309,7 @@ def from_mapping(data: Mapping, *, known_rewrites=(), source: str = "preset") ->
         ops=ops, placement=_choice(placement.get("qdq", "outputs"), PLACEMENTS, "placement.qdq"),
         fused_activations=frozenset(fused), fold_scalar_mul=bool(placement.get("fold_scalar_mul", False)),
         rewrites=rewrites, report_fusion=bool(placement.get("report_fusion", False)),
+        float_when_unread=bool(placement.get("float_when_unread", False)),
+        float_output_ops=frozenset(float_outputs),
         modes=_choices(data.get("modes", ["static"]), MODES, "modes"), source=source,
     )
