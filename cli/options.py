@@ -117,7 +117,7 @@ preset = click.option("--preset", type=click.Choice(list(PRESETS)), default=None
                            "flags given beside it win.")
 accuracy_samples = click.option("--accuracy-samples", type=click.IntRange(min=1), default=None, metavar="N",
                                 help="Calibration samples --calib auto, --bias-correction and --smooth-quant measure on "
-                                     "[default: 4].")
+                                     "[default: 8].")
 report = click.option("--report", type=click.Path(),
                       help="Write the summary with per-tensor SQNR: JSON, or with a .html name one self-contained "
                            "page with charts (per-tensor SQNR in graph order, every histogram with the ranges).")

@@ -494,7 +494,10 @@ def _choose_ranges(ctx: Context) -> str:
     totals = selection.method_totals()
     checked = sorted(per_method, key=lambda name: (totals.get(name, float("inf")), list(per_method).index(name)))
     candidates = {loss_aware.PER_TENSOR: selection.ranges,
-                  **{name: per_method[name] for name in checked[:loss_aware.CHECKED_METHODS]}}
+                  **{name: dict(per_method[name]) for name in checked[:loss_aware.CHECKED_METHODS]}}
+    widest = per_method[method_name(methods[0])]  # min_max
+    for ranges in candidates.values():  # blocks are measured on the 8-bit grid; at 16 bits clipping never pays
+        ranges.update({name: widest[name] for name in ctx.config.wide_tensors if name in widest})
     selection.picked, selection.network_db = loss_aware.pick_by_output(candidates, quantized_session,
                                                                        samples, references)
     ctx.range_selection = selection

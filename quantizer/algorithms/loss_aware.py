@@ -59,7 +59,6 @@ CROP_ELEMENTS = 1 << 18  # feature maps larger than this are measured on a centr
 FINALISTS = 3  # candidates measured on every sample (the others on the first only)
 MIN_GAIN = 0.02
 GUARD = 4.0  # a candidate's full-data tensor error may be at most this many times the best one's  # relative loss improvement a narrower candidate needs over min-max
-DEFAULT_SAMPLES = 4
 MEMORY_BUDGET = 1 << 30
 PER_TENSOR = "per-tensor choice"
 BLOCK_SAMPLES = 2  # samples the blocks are measured on (the whole-model check uses all)
