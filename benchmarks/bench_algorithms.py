@@ -44,9 +44,10 @@ CONFIGS = {
     "no normalization protection": {"protect_normalization": False},
     "accuracy samples 8": {"accuracy_samples": 8},  # the default measuring on twice the samples
     "equalize": {"equalize": True},  # default + cross-layer equalization with high-bias absorption
-    "no smooth quant": {"smooth_quant": False},  # default without SmoothQuant
-    "smooth quant alpha 0.5": {"smooth_alpha": 0.5},  # SmoothQuant's paper default, no search
-    "smooth quant with inserted Mul": {"smooth_insert": True},  # also where no fold exists (a float Mul)
+    "no smooth quant": {"smooth_quant": False},  # without SmoothQuant (the default since it measured as no gain)
+    "smooth quant": {"smooth_quant": True},  # default + SmoothQuant (checked)
+    "smooth quant alpha 0.5": {"smooth_quant": True, "smooth_alpha": 0.5},  # the paper's default, no search
+    "smooth quant with inserted Mul": {"smooth_quant": True, "smooth_insert": True},  # also where no fold exists
     "adaround": {"adaround": True},  # auto + AdaRound (checked) + bias correction: --preset accurate
     # the default on a target that quantizes every tensor of a quantized op (x86 placement before
     # "only what an integer op reads"); this machine resolves ort-cpu to ort-cpu-x86

@@ -100,9 +100,10 @@ equalize = click.option("--equalize/--no-equalize", default=None,
 smooth_quant = click.option("--smooth-quant/--no-smooth-quant", default=None,
                             help="Divide MatMul/Gemm inputs with outlier channels by per-channel factors folded "
                                  "into the op before them, the weight rows multiplied, where the layer's "
-                                 "quantized error drops [default: on].")
+                                 "quantized error drops [default: off].")
 smooth_alpha = click.option("--smooth-alpha", type=click.FloatRange(0.0, 1.0), default=None, metavar="A",
-                            help="SmoothQuant's migration strength for every layer [default: searched per layer].")
+                            help="SmoothQuant's migration strength for every layer (implies --smooth-quant) "
+                                 "[default: searched per layer].")
 smooth_insert = click.option("--smooth-insert", is_flag=True, default=None,
                              help="SmoothQuant also where no fold exists, with a float Mul before the MatMul "
                                   "[default: off].")
@@ -236,6 +237,8 @@ def accuracy_steps(no_protect_normalization: bool, bias_correction: bool | None,
     """The accuracy-step parameters the flags set (unset flags leave the defaults);
     ``flags``: more of them by parameter name (equalize, smooth_quant, ...), None when unset."""
     chosen = {"protect_normalization": False} if no_protect_normalization else {}
+    if flags.get("smooth_quant") is None and (flags.get("smooth_alpha") is not None or flags.get("smooth_insert")):
+        flags = {**flags, "smooth_quant": True}  # --smooth-alpha / --smooth-insert ask for SmoothQuant
     chosen.update({name: value for name, value in flags.items() if value is not None})
     if bias_correction is not None:
         chosen["bias_correction"] = bias_correction

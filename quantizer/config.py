@@ -193,7 +193,7 @@ class QuantizationConfig:
     protect_normalization: bool = True
     bias_correction: bool = True
     equalize: bool = False
-    smooth_quant: bool = True
+    smooth_quant: bool = False
     smooth_alpha: float | None = None
     smooth_insert: bool = False
     adaround: bool | None = None  # None: the preset's value, else False

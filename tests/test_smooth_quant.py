@@ -320,7 +320,7 @@ def test_a_one_shot_iterator_is_smoothed_on_its_first_samples_and_calibrated_on_
     rng = np.random.default_rng(5)
     calib = [{"x": rng.normal(0, 1, (1, 16, 32)).astype(np.float32)} for _ in range(12)]
     config = QuantizationConfig(target="ort-cpu-x86", bias_correction=False, method="min_max_asym",
-                                accuracy_samples=4, show_progress=False)
+                                accuracy_samples=4, smooth_quant=True, show_progress=False)
     from_iter = quantize_model(model, (s for s in calib), config=config)
     assert from_iter.summary["calibration"]["samples"] == 12
     assert from_iter.summary["calibration"]["smooth_quant"]["smoothed"] == 1
