@@ -510,3 +510,26 @@ def test_ort_cpu_leaves_float_the_results_only_float_ops_read(tmp_path):
                           show_progress=False)
     assert next(n for n in kept.model.graph.node if "y" in n.output).op_type == "DequantizeLinear"
     assert next(n for n in result.model.graph.node if "y" in n.output).op_type == "MatMul"
+
+
+def test_an_embedding_table_read_only_by_float_ops_is_still_stored_as_int8():
+    """Gather -> Add -> LayerNormalization: nothing integer reads the rows, but the table is
+    most of a text encoder's file; it stays an int8 initializer behind a DequantizeLinear."""
+    rng = np.random.default_rng(41)
+    vocab, d = 500, 16
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["rows"], name="embed"),
+             helper.make_node("Add", ["rows", "pos"], ["summed"], name="add_pos"),
+             helper.make_node("LayerNormalization", ["summed", "g", "b"], ["ln"], name="ln", axis=-1),
+             helper.make_node("MatMul", ["ln", "w"], ["y"], name="proj")]
+    inits = [_init("table", rng.normal(0, 1, (vocab, d)).astype(np.float32)),
+             _init("pos", rng.normal(0, 0.1, (1, 8, d)).astype(np.float32)),
+             _init("g", np.ones(d, np.float32)), _init("b", np.zeros(d, np.float32)),
+             _init("w", rng.normal(0, 0.3, (d, d)).astype(np.float32))]
+    model = make_model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, d])], inits, opset=18)
+    samples = [{"ids": rng.integers(0, vocab, (1, 8)).astype(np.int64)} for _ in range(8)]
+    result = quantize_model(model, samples, target="ort-cpu-x86", show_progress=False)
+    tables = [i for i in result.model.graph.initializer if list(i.dims) == [vocab, d]]
+    assert len(tables) == 1 and tables[0].data_type in (TensorProto.INT8, TensorProto.UINT8)
+    x = samples[0]
+    assert sqnr_db(run(model, x), run(result.model, x)) > 25

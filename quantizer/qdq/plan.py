@@ -295,8 +295,9 @@ def build_plan(model: ir.Model, skip: Iterable[str] = frozenset(), target=None) 
         changed = False
         for node in list(pending):
             touches = [v.name for v in node.outputs] + [node.inputs[i].name for i in _activation_indices(node, rules)]
-            if not any(name in plan.tensors or name in plan.rescaled for name in touches):
-                continue
+            table = readers is not None and node.op_type == "Gather" and _is_constant(node.inputs[0])
+            if not table and not any(name in plan.tensors or name in plan.rescaled for name in touches):
+                continue  # (an embedding table is stored as int8 even where only float ops read its rows)
             pending.remove(node)
             changed = True
             plan.quantized_nodes.append(node)
