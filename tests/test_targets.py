@@ -226,6 +226,9 @@ def test_a_user_json_target_with_its_own_op_rule(tmp_path):
     ('base = "tensorrt"\n[activations]\ndtypes = ["uint8", "int8"]\n', "`activations.symmetric` needs int8"),
     ('name = "empty"\n', "`ops` lists no op type"),
     ('base = "tflite"\n[placement]\nrewrites = ["magic"]\n', "`placement.rewrites` must be one of"),
+    ('base = "tflite"\n[placement]\nfloat_output_ops = "MatMul"\n', "placement.float_output_ops"),
+    ('base = "tflite"\n[placement]\nfloat_output_ops = [1]\n', "`placement.float_output_ops` must list op types"),
+    ('base = "tflite"\n[placement]\nfloat_when_unread = "yes"\n', "placement.float_when_unread"),
     ("this is = not toml [", "not valid TOML"),
 ])
 def test_an_invalid_target_file_gets_one_line_naming_the_key(tmp_path, text, words):
