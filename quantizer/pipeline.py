@@ -346,6 +346,8 @@ def _correct_bias(ctx: Context) -> str | None:
     corrections = bias_correction.correct_biases(ctx.stage1, ctx.plan, ctx.config.resolved_target.weights, samples,
                                                  sizes=_tensor_bytes(ctx), show_progress=ctx.config.show_progress)
     corrections.uncorrected = ctx.stage1
+    if ctx.accuracy_references is None and corrections.float_outputs and _float_stage1(ctx) is ctx.stage1:
+        ctx.accuracy_references = corrections.float_outputs  # that pass ran the float model on these samples
     ctx.stage1 = bias_correction.apply(ctx.stage1, corrections)
     ctx.bias_corrections = corrections
     summary = corrections.summary()
@@ -485,11 +487,10 @@ def _choose_ranges(ctx: Context) -> str:
                                          sizes=_tensor_bytes(ctx), show_progress=ctx.config.show_progress,
                                          full_data_errors=lambda name, ranges: range_errors(statistics[name], ranges))
 
-    references = _float_references(ctx, samples)
     keep = ctx.excluded | set(ctx.keep_float)
 
-    def quantized_session(ranges):
-        return runtime.session(_quantized(ctx, ctx.stage1, {**ranges, **ctx.config.range_overrides}, keep).model)
+    def score(ranges):
+        return _output_score(ctx, ctx.stage1, {**ranges, **ctx.config.range_overrides}, keep)
 
     totals = selection.method_totals()
     checked = sorted(per_method, key=lambda name: (totals.get(name, float("inf")), list(per_method).index(name)))
@@ -498,8 +499,10 @@ def _choose_ranges(ctx: Context) -> str:
     widest = per_method[method_name(methods[0])]  # min_max
     for ranges in candidates.values():  # blocks are measured on the 8-bit grid; at 16 bits clipping never pays
         ranges.update({name: widest[name] for name in ctx.config.wide_tensors if name in widest})
-    selection.picked, selection.network_db = loss_aware.pick_by_output(candidates, quantized_session,
-                                                                       samples, references)
+    fallback = method_name(_auto_fallback(ctx))  # the checks' probe: scored already when a check ran on this model
+    if fallback not in candidates and _scored(ctx, ctx.stage1, {**per_method[fallback], **ctx.config.range_overrides}, keep):
+        candidates[fallback] = dict(per_method[fallback])
+    selection.picked, selection.network_db = loss_aware.pick_by_output(candidates, score)
     ctx.range_selection = selection
     ctx.ranges_by_method[AUTO] = candidates[selection.picked]
     chosen = selection.summary()["chosen"]
@@ -529,12 +532,29 @@ def _float_stage1(ctx: Context) -> onnx.ModelProto:
 def _output_scores(ctx: Context, models: Mapping[str, onnx.ModelProto]) -> dict[str, float]:
     """Each stage-1 variant's output SQNR against float, quantized with the probe ranges,
     on the accuracy samples: how the checks of the accuracy steps decide."""
-    samples = _accuracy_samples(ctx)
-    references = _float_references(ctx, samples)
     keep = ctx.excluded | set(ctx.keep_float)
     probe = {**_probe_ranges(ctx), **ctx.config.range_overrides}
-    return {name: loss_aware.output_sqnr_db(runtime.session(_quantized(ctx, model, probe, keep).model), samples,
-                                            references) for name, model in models.items()}
+    return {name: _output_score(ctx, model, probe, keep) for name, model in models.items()}
+
+
+def _score_key(ctx: Context, model: onnx.ModelProto, ranges: Mapping, keep: set[str]) -> tuple:
+    return (id(model), tuple(sorted((name, tuple(map(float, r))) for name, r in ranges.items())), frozenset(keep),
+            repr(ctx.config.resolved_target), tuple(ctx.config.wide_tensors))
+
+
+def _scored(ctx: Context, model: onnx.ModelProto, ranges: Mapping, keep: set[str]) -> bool:
+    return _score_key(ctx, model, ranges, keep) in ctx.output_scores
+
+
+def _output_score(ctx: Context, model: onnx.ModelProto, ranges: Mapping, keep: set[str]) -> float:
+    """The output SQNR against float, on the accuracy samples, of ``model`` quantized with
+    ``ranges`` (keeping ``keep`` float); each distinct one is quantized and run once per run."""
+    key = _score_key(ctx, model, ranges, keep)
+    if key not in ctx.output_scores:
+        samples = _accuracy_samples(ctx)
+        session = runtime.session(_quantized(ctx, model, ranges, keep).model)
+        ctx.output_scores[key] = (model, loss_aware.output_sqnr_db(session, samples, _float_references(ctx, samples)))
+    return ctx.output_scores[key][1]
 
 
 def _auto_fallback(ctx: Context) -> CalibrationMethod:

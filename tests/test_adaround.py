@@ -217,8 +217,10 @@ def test_the_qdq_model_emits_exactly_the_adarounded_int8_weights(build, rounded,
 def test_adaround_brings_the_quantized_outputs_closer_to_float_on_held_out_data():
     model = _gemm_model()
     calib, held = _samples(model, 8, 1), _samples(model, 8, 2)
-    plain = _run(model, QuantizationConfig(method="min_max_asym"), calib)
-    rounded = _run(model, QuantizationConfig(method="min_max_asym", adaround=True), calib)
+    # x86 without VNNI: [-63, 63] weights, whose rounding error AdaRound is for (with VNNI's full
+    # range the same model gains 0.8 dB, not 1.8: the target is pinned so any machine tests this case)
+    plain = _run(model, QuantizationConfig(method="min_max_asym", target="ort-cpu-x86"), calib)
+    rounded = _run(model, QuantizationConfig(method="min_max_asym", adaround=True, target="ort-cpu-x86"), calib)
     assert rounded.rounding.kept and rounded.rounding.output_sqnr_db["rounded"] > rounded.rounding.output_sqnr_db["nearest"]
     db = {name: np.mean([sqnr_db(run(model, s), run(ctx.outcome.model, s)) for s in held])
           for name, ctx in (("plain", plain), ("rounded", rounded))}

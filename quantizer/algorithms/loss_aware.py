@@ -24,8 +24,8 @@ to model and from tensor to tensor.  So for each calibrated tensor this step
 5. then checks the whole network: the model quantized with these per-tensor choices and
    the models quantized with the ``CHECKED_METHODS`` methods whose ranges alone had the
    lowest summed block error (``Selection.method_totals``) run on the same samples, and
-   the set with the highest output SQNR against float wins, the per-tensor choice
-   unless another beats it by ``SWITCH_MARGIN_DB`` (``pick_by_output``): block
+   the set with the highest output SQNR against float wins (``pick_by_output``; the
+   per-tensor choice unless another beats it by ``SWITCH_MARGIN_DB``): block
    errors that compound, or cancel, are seen there.
 
 What it minimizes: for each tensor t, sum over block outputs y of
@@ -62,7 +62,7 @@ GUARD = 4.0  # a candidate's full-data tensor error may be at most this many tim
 MEMORY_BUDGET = 1 << 30
 PER_TENSOR = "per-tensor choice"
 BLOCK_SAMPLES = 2  # samples the blocks are measured on (the whole-model check uses all)
-SWITCH_MARGIN_DB = 0.5  # a single method's ranges must beat the per-tensor choice by this much
+SWITCH_MARGIN_DB = 0.0  # a single method's ranges win when they score higher at all (ties: the per-tensor choice)
 CHECKED_METHODS = 2  # single methods checked against the per-tensor choice (best block totals)
 UNKNOWN_BYTES = 4 << 20  # a tensor of unknown size (no static shape, not calibrated): assumed this large
 
@@ -395,12 +395,13 @@ def output_sqnr_db(session, samples: Sequence[Mapping[str, np.ndarray]], referen
 
 
 def pick_by_output(candidates: Mapping[str, Mapping[str, tuple[float, float]]],
-                   quantized_session: Callable[[Mapping], object], samples, references) -> tuple[str, dict[str, float]]:
-    """The candidate range set whose quantized model has the highest output SQNR, and
-    every candidate's SQNR; the first candidate wins unless another beats it by
-    ``SWITCH_MARGIN_DB`` (a few samples' SQNR is noisy; the first is the measured choice)."""
-    scores = {name: output_sqnr_db(quantized_session(ranges), samples, references)
-              for name, ranges in candidates.items()}
+                   score: Callable[[Mapping], float]) -> tuple[str, dict[str, float]]:
+    """The candidate range set whose quantized model has the highest output SQNR
+    (``score(ranges)``: that SQNR against float on the accuracy samples), and every
+    candidate's SQNR; the first candidate wins unless another beats it by
+    ``SWITCH_MARGIN_DB`` (0: the per-tensor choice was fitted on some of these samples
+    already, so it needs no head start)."""
+    scores = {name: score(ranges) for name, ranges in candidates.items()}
     first = next(iter(scores))
     best = max(scores, key=scores.get)
     if scores[best] - scores[first] <= SWITCH_MARGIN_DB:
