@@ -34,7 +34,7 @@ FLAGS = {
     "mode": "--mode", "weight_bits": "--weight-bits", "block_size": "--block-size",
     "weight_symmetric": "--weight-symmetric", "weight_signed": "--weight-unsigned",
     "weight_algorithm": "--weight-algorithm", "dataset": "--data", "embeddings": "--no-embeddings",
-    "wide_tensors": "--wide-tensor",
+    "wide_tensors": "--wide-tensor", "algorithms": "--tune-algorithms",
 }
 
 
@@ -245,6 +245,24 @@ def accuracy_steps(no_protect_normalization: bool, bias_correction: bool | None,
     if accuracy_samples is not None:
         chosen["accuracy_samples"] = accuracy_samples
     return chosen
+
+
+def parse_algorithms(text: str | None, known: tuple[str, ...]) -> tuple[str, ...] | None:
+    """--tune-algorithms: comma-separated names as the flags spell them (smooth-quant), or
+    none; None when the flag is not given (the library's default)."""
+    if text is None:
+        return None
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    if names == ["none"]:
+        return ()
+    spelled = {name.replace("_", "-"): name for name in known}
+    for name in names:
+        if name not in spelled:
+            raise UsageError(f"--tune-algorithms: unknown algorithm {name!r}; use a comma-separated list of "
+                             f"{', '.join(spelled)}, or none")
+    if not names:
+        raise UsageError(f"--tune-algorithms needs a comma-separated list of {', '.join(spelled)}, or none")
+    return tuple(spelled[name] for name in names)
 
 
 def parse_shapes(values: tuple[str, ...]) -> dict[str, list[int]]:

@@ -154,12 +154,28 @@ def report_lines(summary, rows: int = 10) -> list[str]:
     return lines
 
 
+def algorithm_flag(name: str) -> str:
+    """An accuracy algorithm as --tune-algorithms spells it: smooth_quant -> smooth-quant."""
+    return name.replace("_", "-")
+
+
+def trial_setting(trial) -> str:
+    """A trial's method and the algorithms it added: ``mse_asym + equalize + adaround``."""
+    return " + ".join([trial.method.lower(), *map(algorithm_flag, getattr(trial, "algorithms", ()))])
+
+
 def format_trial(trial, max_trials: int) -> str:
     loss = f", loss {trial.loss:.2%}" if trial.loss is not None else ""
     kept = f", float: {', '.join(trial.excluded)}" if trial.excluded else ""
     kept += f", 16-bit: {', '.join(trial.wide)}" if getattr(trial, "wide", None) else ""
-    return (f"trial {trial.number}/{max_trials}: {trial.method.lower()}{kept}: metric "
+    return (f"trial {trial.number}/{max_trials}: {trial_setting(trial)}{kept}: metric "
             f"{trial.metric:.6g}{loss} -> {'pass' if trial.passed else 'fail'}")
+
+
+def format_skipped(skipped) -> str:
+    """An algorithm trial autotune did not evaluate, one line."""
+    return one_line(f"skipped {' + '.join(map(algorithm_flag, skipped.algorithms))} (no trial spent): "
+                    f"{for_cli(skipped.reason)}")
 
 
 def format_target(target, full: bool = False) -> str:

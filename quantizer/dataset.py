@@ -1163,6 +1163,16 @@ def _spread(count: int, n: int) -> list[int]:
     return [j * stride for j in _pick_evenly(-(-count // stride), n)]
 
 
+def _nbytes(item) -> int:
+    """The bytes of the arrays in one item of a data iterable (a mapping, a sequence of
+    arrays or an array)."""
+    if isinstance(item, Mapping):
+        return sum(_nbytes(v) for v in item.values())
+    if isinstance(item, (list, tuple)):
+        return sum(_nbytes(v) for v in item)
+    return int(getattr(item, "nbytes", 0) or 0)
+
+
 class _Thinned:
     """The items of a stream of unknown length at the multiples of a power-of-two stride
     that doubles whenever more than ``2 n`` would be held: at the end, exactly the items
@@ -1222,6 +1232,10 @@ class DataSource:
         self._head: list = []  # the first items of a one-shot iterator
         self._thinned = _Thinned(max(int(spread), 1))  # a one-shot iterator's items that spread_samples picks from
         self._streamed = False
+        self._pulled = 0  # items read from a one-shot iterator
+        self._held: list | None = None  # every item within ``max_samples`` (``hold``): replayed by ``stream``
+        self._held_bytes, self._held_budget = 0, 0
+        self._replayed = False  # calibration has read the whole of a one-shot iterator once
         self._collection = None  # a path's folder listing or stacked file, opened once
         self._plans: dict[tuple, object] = {}  # per model inputs: the path bound to them
         self._last_specs: tuple | None = None
@@ -1307,11 +1321,45 @@ class DataSource:
         except StopIteration:
             self._streamed = True
             return False
+        self._pulled += 1
         limit = self.options.max_samples
         if limit is None or self._thinned.count < limit:
             self._thinned.add(item)
+            self._hold(item)
         take(item)
         return True
+
+    def hold(self, budget: int) -> None:
+        """Keep every item a one-shot iterator yields (the ones already read included), up
+        to ``budget`` bytes of arrays, so that ``stream`` gives them all again after
+        calibration read them: a second calibration pass (autotune's algorithm trials).
+        Past the budget nothing is kept, and ``replayable`` says so.  Only before
+        calibration starts reading (every item read so far is then in the head)."""
+        if not self.one_shot or self._held is not None or self._pulled != len(self._head):
+            return
+        self._held, self._held_bytes, self._held_budget = [], 0, int(budget)
+        for item in self._head[:self._limit(None)]:
+            self._hold(item)
+
+    def _hold(self, item) -> None:
+        if self._held is None:
+            return
+        self._held_bytes += _nbytes(item)
+        if self._held_bytes > self._held_budget:
+            self._held, self._held_budget = None, -1  # too large: nothing is held
+        else:
+            self._held.append(item)
+
+    @property
+    def replayable(self) -> bool:
+        """Whether ``stream`` gives every sample again after calibration read them (a path or
+        a sequence; a one-shot iterator only if ``hold`` kept them all)."""
+        return not self.one_shot or self._held is not None
+
+    def release(self) -> None:
+        """Forget the items ``hold`` kept."""
+        if self._held is not None:
+            self._held, self._held_budget = None, -1
 
     def _limit(self, n: int | None) -> int | None:
         limits = [x for x in (n, self.options.max_samples) if x is not None]
@@ -1345,6 +1393,8 @@ class DataSource:
             return self._path if isinstance(self.source, DataSpec) else self.source
         if not self.one_shot:
             return self._view()
+        if self._replayed and self._held is not None:
+            return list(self._held)
         return self._replay()
 
     def _replay(self):
@@ -1360,6 +1410,7 @@ class DataSource:
                 self._head.append(pulled[0])
             count += 1
             yield pulled[0]
+        self._replayed = True
 
     def named_samples(self, specs: list[InputSpec], n: int | None) -> Iterator[tuple[str, Sample]]:
         """The first ``n`` samples (None: all), checked, each with its name (the file

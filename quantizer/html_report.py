@@ -427,10 +427,14 @@ def _summary_section(s: Mapping, extra: Mapping) -> list[str]:
         tune = s["autotune"]
         out.append(f"<h3>Autotune (float metric {_num(tune['baseline'], 6)}, "
                    f"{'passed' if tune['passed'] else 'not passed'}, chosen trial {tune['chosen_trial']})</h3>")
-        out.append(_table(("trial", "method", "kept float", "metric", "loss", "passed"),
-                          [(t["number"], t["method"], len(t["excluded"]), _num(t["metric"], 6),
-                            _num(t["loss"]), "yes" if t["passed"] else "no") for t in tune["trials"]],
-                          numeric=(0, 2, 3, 4)))
+        out.append(_table(("trial", "method", "algorithms", "kept float", "metric", "loss", "passed"),
+                          [(t["number"], t["method"], ", ".join(t.get("algorithms", ())), len(t["excluded"]),
+                            _num(t["metric"], 6), _num(t["loss"]), "yes" if t["passed"] else "no")
+                           for t in tune["trials"]],
+                          numeric=(0, 3, 4, 5)))
+        if tune.get("skipped"):
+            out.append("<p>Algorithm trials skipped (no trial spent): " + "; ".join(
+                f"{_e(' + '.join(s['algorithms']))}: {_e(s['reason'])}" for s in tune["skipped"]) + "</p>")
     if s["notes"]:
         out.append("<h3>Notes</h3><ul>" + "".join(f"<li>{_e(n)}</li>" for n in s["notes"]) + "</ul>")
     out.append("<details><summary>Steps</summary>"

@@ -819,6 +819,50 @@ CALIBRATE = tuple(s for s in PREPARE if s.name not in ("correct_bias", "absorb_h
     Step("commit", "write", _commit),)
 
 
+# -- autotune's algorithm trials: another configuration from a run's calibrated context --
+
+# What such a trial shares with the run it starts from: the model as loaded and checked, and
+# stage 1's optimizer (its output does not depend on the accuracy steps that follow it).
+SHARED_WITH_TRIALS = ("load", "refuse_quantized", "check_outputs", "check_names", "optimize")
+# The steps after calibration that change the weights: adding AdaRound to a calibrated run
+# repeats only these.
+WEIGHT_STEPS = ("adaround", "check_adaround", "correct_bias")
+
+
+def recalibration_steps(optimize: bool = False) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
+    """The stage-1 and stage-2 steps of a trial that calibrates again, split where
+    calibration starts reading the data: (the accuracy steps before calibration and the
+    stage-1 checks, then calibration and the steps after it).  ``optimize``: run stage 1's
+    optimizer again (the run fell back to stage 1 without it after the trials' start was
+    taken).  The calibration state a run saves is the run's own: a trial saves none."""
+    shared = {*SHARED_WITH_TRIALS, "save_calibration"} - ({"optimize"} if optimize else set())
+    steps = [s for s in PREPARE if s.name not in shared]
+    split = [s.name for s in steps].index("collect")
+    return tuple(steps[:split]), tuple(steps[split:])
+
+
+def recalibration(start: Context, config: QuantizationConfig, calibrated: Context) -> Context:
+    """A context for ``config`` to run ``recalibration_steps`` in: ``start`` is a fork of
+    ``calibrated`` taken right after stage 1's optimizer (the loaded model and the optimized
+    stage-1 model, the data source and the transaction are shared); the accuracy samples and
+    their float outputs are ``calibrated``'s (the same samples: a one-shot iterator is not
+    read for them again).  Its plan, accuracy steps and calibration are its own."""
+    return start.fork(config=config, model=ir.from_proto(start.stage1), conservative=calibrated.conservative,
+                      ranges_by_method={}, accuracy_samples=_accuracy_samples(calibrated),
+                      accuracy_references=calibrated.accuracy_references)
+
+
+def rounded(ctx: Context, config: QuantizationConfig) -> Context:
+    """``ctx`` (calibrated, not yet quantized, without AdaRound) with ``config``'s AdaRound:
+    its calibration, plan and accuracy samples shared, the weight steps run again from the
+    weights before them.  The ``auto`` ranges are chosen again (on the rounded model)."""
+    before = ctx.bias_corrections.uncorrected if ctx.bias_corrections is not None else ctx.stage1
+    forked = ctx.fork(config=config, stage1=before, bias_corrections=None, rounding=None,
+                      ranges_by_method={k: v for k, v in ctx.ranges_by_method.items() if k != AUTO})
+    forked.steps = [s for s in forked.steps if s["step"] not in WEIGHT_STEPS]
+    return run_steps([s for s in PREPARE if s.name in WEIGHT_STEPS], forked)
+
+
 # -- the other modes: weights first, no activation ranges --------------------------------
 
 def _check_weighted_plan(planner: Callable) -> Step:

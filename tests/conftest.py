@@ -31,3 +31,34 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
 def digits_test():
     data = np.load(SAMPLE_TEST)
     return data["x"], data["y"]
+
+
+class FakeEval:
+    """An autotune evaluation with a known metric per call: the float model first, then one
+    value per trial."""
+
+    def __init__(self, *values):
+        self.values, self.models = iter(values), []
+
+    def __call__(self, model):
+        import onnx
+
+        assert isinstance(model, onnx.ModelProto)
+        self.models.append(model)
+        return next(self.values)
+
+
+@pytest.fixture
+def count_collections(monkeypatch):
+    """The calibrators that collected data, in order (each one's ``samples_seen`` after the run)."""
+    from quantizer import Calibrator
+
+    calls = []
+    original = Calibrator.collect_data
+
+    def counting(self, dataset, **options):
+        calls.append(self)
+        return original(self, dataset, **options)
+
+    monkeypatch.setattr(Calibrator, "collect_data", counting)
+    return calls

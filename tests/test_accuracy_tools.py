@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from builders import _init, branchy_model, make_model
-from conftest import SAMPLE_CALIB, SAMPLE_MODEL, run
+from conftest import SAMPLE_CALIB, SAMPLE_MODEL, FakeEval, run
 from quantizer.qdq.plan import UNREAD_REASON
 from quantizer import Calibrator, UsageError, autotune, quantize_model
 from quantizer.autotune import FALLBACK_REASON
@@ -367,31 +367,6 @@ def test_ort_cpu_leaves_float_what_only_float_ops_read():
 # ---------------------------------------------------------------- 4. autotune
 
 
-class FakeEval:
-    """Known metric per call: the float model first, then one value per trial."""
-
-    def __init__(self, *values):
-        self.values, self.models = iter(values), []
-
-    def __call__(self, model):
-        assert isinstance(model, onnx.ModelProto)
-        self.models.append(model)
-        return next(self.values)
-
-
-@pytest.fixture
-def count_collections(monkeypatch):
-    calls = []
-    original = Calibrator.collect_data
-
-    def counting(self, dataset, **options):
-        calls.append(self)
-        return original(self, dataset, **options)
-
-    monkeypatch.setattr(Calibrator, "collect_data", counting)
-    return calls
-
-
 def test_autotune_stops_at_the_first_trial_within_the_loss(count_collections):
     fake = FakeEval(2.0, 1.9, 1.985, 2.0)  # 1.985 is within 1 % of 2.0
     methods = ("min_max_asym", "percentile_asym", "entropy_asym")
@@ -407,7 +382,7 @@ def test_autotune_stops_at_the_first_trial_within_the_loss(count_collections):
 def test_autotune_honours_max_trials_and_falls_back_to_float_nodes(count_collections):
     fake = FakeEval(1.0, 0.5, 0.6, 0.8, 0.7, 0.9)
     result = autotune(SAMPLE_MODEL, SAMPLE_CALIB, fake, tolerable_loss=0.01, max_trials=4,
-                      methods=("min_max_asym", "entropy_asym"))
+                      methods=("min_max_asym", "entropy_asym"), algorithms=())
     assert len(result.trials) == 4 and len(fake.models) == 5 and not result.passed
     first, second, third, fourth = result.trials
     assert (first.excluded, second.excluded) == ([], [])
@@ -423,7 +398,7 @@ def test_autotune_honours_max_trials_and_falls_back_to_float_nodes(count_collect
 def test_autotune_doubles_the_fallback_and_stops_when_every_node_is_float():
     fake = FakeEval(1.0, *[0.5] * 20)
     result = autotune(SAMPLE_MODEL, SAMPLE_CALIB, fake, tolerable_loss=0.01, max_trials=20,
-                      methods=("min_max_asym",))
+                      methods=("min_max_asym",), algorithms=())
     sizes = [len(t.excluded) for t in result.trials]
     last = result.trials[-1].excluded
     assert sizes[0] == 0 and sizes == sorted(set(sizes)) and len(last) >= 4, sizes  # 1, 2, 4, ... units

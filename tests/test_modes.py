@@ -375,7 +375,7 @@ def test_autotune_raises_sensitive_tensors_to_16_bits_before_keeping_nodes_float
         return next(metrics)
 
     result = autotune(SAMPLE_MODEL, SAMPLE_CALIB, evaluate, tolerable_loss=0.01, max_trials=3,
-                      methods=("min_max_asym",), target="tflite")
+                      methods=("min_max_asym",), target="tflite", algorithms=())
     first, second = result.trials
     assert not first.wide and second.wide and not second.excluded and result.passed
     q = checked(result.model)

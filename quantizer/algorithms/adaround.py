@@ -132,6 +132,11 @@ def _layers(model: onnx.ModelProto, plan) -> list[tuple[onnx.NodeProto, str, int
     return found
 
 
+def roundable(model: onnx.ModelProto, plan, weight_spec) -> list[str]:
+    """The nodes whose weights ``adaround`` would round (none unless the weights are int8)."""
+    return [node.name for node, *_ in _layers(model, plan)] if weight_spec.dtype == "int8" else []
+
+
 def weight_rows(op_type: str, attrs: Mapping, weight: np.ndarray) -> np.ndarray:
     """``weight`` as (groups, output channels per group, K): row c of group g holds what
     output channel c multiplies the group's K input values (im2col columns) with."""
