@@ -55,6 +55,16 @@ def _weighted(node: ir.Node) -> WeightedNode | str:
     return WeightedNode(node, np.ascontiguousarray(weight), bias)
 
 
+def weight_key(item: WeightedNode) -> tuple:
+    """Nodes with equal keys read one weight initializer the same way (as the same
+    ``[K, N]`` matrix): they share its quantized form, stored once.  A model that reuses
+    a layer's weights (a recurrent or weight-tied encoder) would otherwise store one
+    quantized copy per use -- larger than the float model."""
+    node = item.node
+    attrs = _attrs(node) if node.op_type == "Gemm" else {}
+    return id(node.inputs[1]), bool(attrs.get("transB", 0)), float(attrs.get("alpha", 1.0))
+
+
 def plan_weighted(model: ir.Model, skip: Iterable[str], form: str, mode: str) -> tuple[QuantPlan, list[WeightedNode]]:
     """The plan of a weights-first mode: every qualifying MatMul/Gemm becomes ``form``;
     every other node stays float with the reason."""
