@@ -37,6 +37,8 @@ def _weighted(node: ir.Node) -> WeightedNode | str:
     weight = w.const_value.numpy().astype(np.float32)
     if weight.ndim != 2:
         return f"the weight has rank {weight.ndim}, not 2"
+    if not np.isfinite(weight).all():
+        return "the weight holds inf or NaN values, which no integer can represent"
     bias = None
     if node.op_type == "Gemm":
         attrs = _attrs(node)
