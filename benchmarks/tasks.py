@@ -335,5 +335,61 @@ class Detector(Task):
         return (lambda s: s.run(None, {"images": x})), "one 320x320 image"
 
 
+class RxnMap(Task):
+    """chython-rxnmap's atom-to-atom mapping transformer (a PyPI package's rxnmap.onnx, 85 MB)
+    on reaction SMILES of five reaction classes built from real reagents (rxn_data.py).  The
+    metric is the float model's own mapping: the share of product atoms that chython's
+    greedy walk over the quantized model's attention maps to the same reactant atom (or one
+    of its symmetry orbit)."""
+
+    name, metric, target = "rxnmap", "atoms mapped as float %", "within 1 % relative of float"
+
+    def model_path(self):
+        from rxn_data import rxnmap_model_path
+        return rxnmap_model_path()
+
+    def _eval(self, work) -> list:
+        from rxn_data import Encoded
+        return [Encoded(text) for text in json.loads((work / "eval_reactions.json").read_text())]
+
+    def build(self, work, n_calib, n_eval):
+        import onnxruntime as ort
+        from rxn_data import Encoded, reactions
+        rows = reactions()
+        if len(rows) < n_calib + n_eval:
+            raise ValueError(f"{len(rows)} reactions, {n_calib} + {n_eval} asked")
+        (work / "calib").mkdir(parents=True, exist_ok=True)
+        for i, (_, text) in enumerate(rows[:n_calib]):
+            np.savez(work / "calib" / f"reaction_{i:04d}.npz", **Encoded(text).feed())
+        evals = rows[n_calib:n_calib + n_eval]
+        (work / "eval_reactions.json").write_text(json.dumps([text for _, text in evals]))
+        session = ort.InferenceSession(str(self.model_path()), providers=["CPUExecutionProvider"])
+        items = self._eval(work)
+        mappings = [item.mapping(session.run(None, item.feed())[0]).tolist() for item in items]
+        (work / "eval_float_mapping.json").write_text(json.dumps(mappings))
+        classes = ", ".join(sorted({c for c, _ in rows}))
+        lengths = [item.encoded.atoms.shape[0] for item in items]
+        return {"calib": f"{n_calib} reactions ({classes}) of real reagents",
+                "eval": f"{len(evals)} other reactions, {sum(map(len, mappings))} product atoms, "
+                        f"{min(lengths)}..{max(lengths)} tokens"}
+
+    def evaluate(self, session, work):
+        reference = json.loads((work / "eval_float_mapping.json").read_text())
+        outputs, same, total = [], 0, 0
+        for item, expected in zip(self._eval(work), reference):
+            attention = session.run(None, item.feed())[0]
+            outputs.append(attention)
+            same += item.agreeing(item.mapping(attention), expected)
+            total += len(expected)
+        return 100.0 * same / total, outputs
+
+    def latency_unit(self, work):
+        feeds = [item.feed() for item in self._eval(work)[:8]]
+        tokens = sum(f["atoms"].shape[1] for f in feeds)
+        return (lambda s: [s.run(None, f) for f in feeds]), f"8 eval reactions ({tokens} tokens), one per run call"
+
+
 TASKS = {task.name: task for task in (Digits(), Det(), Rec(), Vad(), VadSequence(), VadOpenVino(), Encoder(),
-                                      Detector())}
+                                      Detector(), RxnMap())}
+# The accuracy suite (bench_accuracy's default): rxnmap is bench_modes' second big-MatMul model.
+SUITE = ("digits", "det", "rec", "vad", "vad_sequence", "vad_openvino", "encoder", "detector")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from .qdq.matmuls import Rewriter, plan_weighted
+from .qdq.matmuls import Rewriter, plan_weighted, weight_key
 from .qdq.params import quantize_weight, weight_scales
 from .qdq.blockwise import WeightGrid
 from .qdq.plan import QuantPlan
@@ -48,6 +48,7 @@ def insert_dynamic(model: ir.Model, found: list, qmax: int) -> None:
     graph = model.graph
     rewrite = Rewriter(graph)
     quantized_inputs: dict[str, ir.Node] = {}  # one DynamicQuantizeLinear per activation
+    weights: dict[tuple, tuple[ir.Value, ir.Value, ir.Value]] = {}  # weight_key -> (w_q, w_zero, w_scale)
     for item in found:
         if isinstance(item, Table):
             gather_quantized(rewrite, item)
@@ -59,11 +60,14 @@ def insert_dynamic(model: ir.Model, found: list, qmax: int) -> None:
             graph.insert_before(node, dql)
             quantized_inputs[x.name] = dql
         x_q, x_scale, x_zero = dql.outputs
-        scales = weight_scales(item.weight, 1, qmax)
         base = node.name or "matmul"
-        w_q = rewrite.constant(f"{base}_weight_quantized", quantize_weight(item.weight, scales, 1, qmax))
-        w_zero = rewrite.constant(f"{base}_weight_zero_point", np.zeros(scales.shape, np.int8))
-        w_scale = rewrite.constant(f"{base}_weight_scale", scales)
+        key = weight_key(item)
+        if key not in weights:  # a weight several nodes read is stored once
+            scales = weight_scales(item.weight, 1, qmax)
+            weights[key] = (rewrite.constant(f"{base}_weight_quantized", quantize_weight(item.weight, scales, 1, qmax)),
+                            rewrite.constant(f"{base}_weight_zero_point", np.zeros(scales.shape, np.int8)),
+                            rewrite.constant(f"{base}_weight_scale", scales))
+        w_q, w_zero, w_scale = weights[key]
         integer = rewrite.node("MatMulInteger", [x_q, w_q, x_zero, w_zero], base)
         cast = rewrite.node("Cast", [integer.outputs[0]], base, to=int(ir.DataType.FLOAT))
         # Its own scale product: onnxruntime fuses the Mul only when it has one consumer.

@@ -104,17 +104,25 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, ranges: Mapping[str, tuple[floa
     biases = {(id(slot.node), slot.index): bias_index for _, bias_index, slot in plan.biases}
 
     # Weights and biases first: they read the input tensors' names before Q/DQ renames.
-    for slot in plan.weights:
+    # A weight that several nodes read with the same parameters is stored once, one
+    # DequantizeLinear before its first reader (onnxruntime gives each reader its own
+    # copy of the DequantizeLinear node when it fuses, the initializer stays shared).
+    position = {id(n): i for i, n in enumerate(graph)}
+    shared: dict[tuple, ir.Value] = {}  # (weight, axis, scales) -> the dequantized weight
+    for slot in sorted(plan.weights, key=lambda s: position.get(id(s.node), -1)):
         node, index, axis = slot.node, slot.index, slot.axis
         weight_value = node.inputs[index]
         weight = weight_value.const_value.numpy().astype(np.float32)
         if target.weights.dtype == FLOAT8:  # symmetric amax / 448; the target's bias is float
-            scales = weight_scales(weight, axis, FLOAT8_MAX)
-            q_weight = writer.constant(f"{weight_value.name}_quantized", quantize_weight_float8(weight, scales, axis))
-            zero = np.zeros(scales.shape, ml_dtypes.float8_e4m3fn)
-            dq = writer.dequantize(weight_value.name, q_weight, scales, zero, axis, weight_value)
-            graph.insert_before(node, dq)
-            node.replace_input_with(index, dq.outputs[0])
+            key = (id(weight_value), axis, FLOAT8)
+            if key not in shared:
+                scales = weight_scales(weight, axis, FLOAT8_MAX)
+                q_weight = writer.constant(f"{weight_value.name}_quantized", quantize_weight_float8(weight, scales, axis))
+                zero = np.zeros(scales.shape, ml_dtypes.float8_e4m3fn)
+                dq = writer.dequantize(weight_value.name, q_weight, scales, zero, axis, weight_value)
+                graph.insert_before(node, dq)
+                shared[key] = dq.outputs[0]
+            node.replace_input_with(index, shared[key])
             continue
         scales = weight_scales(weight, axis, weight_qmax)
         if not weight_rule.is_identity:
@@ -127,10 +135,14 @@ def insert_qdq(model: ir.Model, plan: QuantPlan, ranges: Mapping[str, tuple[floa
             scales = widen_for_bias(scales, bias, input_scale)
             if not weight_rule.is_identity:
                 scales = weight_rule.apply(scales)
-        q_weight = writer.constant(f"{weight_value.name}_quantized", quantize_weight(weight, scales, axis, weight_qmax))
-        dq = writer.dequantize(weight_value.name, q_weight, scales, np.zeros(scales.shape, np.int8), axis, weight_value)
-        graph.insert_before(node, dq)
-        node.replace_input_with(index, dq.outputs[0])
+        key = (id(weight_value), axis, scales.tobytes())  # a bias can widen a reader's scales: its own copy
+        if key not in shared:
+            q_weight = writer.constant(f"{weight_value.name}_quantized", quantize_weight(weight, scales, axis, weight_qmax))
+            dq = writer.dequantize(weight_value.name, q_weight, scales, np.zeros(scales.shape, np.int8), axis,
+                                   weight_value)
+            graph.insert_before(node, dq)
+            shared[key] = dq.outputs[0]
+        node.replace_input_with(index, shared[key])
         if bias_index is not None:
             q_bias, bias_scales = quantize_bias(bias, input_scale, scales)
             q_value = writer.constant(f"{bias_value.name}_quantized", q_bias)

@@ -37,6 +37,8 @@ def _weighted(node: ir.Node) -> WeightedNode | str:
     weight = w.const_value.numpy().astype(np.float32)
     if weight.ndim != 2:
         return f"the weight has rank {weight.ndim}, not 2"
+    if not np.isfinite(weight).all():
+        return "the weight holds inf or NaN values, which no integer can represent"
     bias = None
     if node.op_type == "Gemm":
         attrs = _attrs(node)
@@ -53,6 +55,16 @@ def _weighted(node: ir.Node) -> WeightedNode | str:
             if bias.ndim > 2 or (bias.ndim >= 1 and bias.shape[-1] not in (1, weight.shape[1])):
                 return "Gemm bias is not a per-output vector"
     return WeightedNode(node, np.ascontiguousarray(weight), bias)
+
+
+def weight_key(item: WeightedNode) -> tuple:
+    """Nodes with equal keys read one weight initializer the same way (as the same
+    ``[K, N]`` matrix): they share its quantized form, stored once.  A model that reuses
+    a layer's weights (a recurrent or weight-tied encoder) would otherwise store one
+    quantized copy per use -- larger than the float model."""
+    node = item.node
+    attrs = _attrs(node) if node.op_type == "Gemm" else {}
+    return id(node.inputs[1]), bool(attrs.get("transB", 0)), float(attrs.get("alpha", 1.0))
 
 
 def plan_weighted(model: ir.Model, skip: Iterable[str], form: str, mode: str) -> tuple[QuantPlan, list[WeightedNode]]:

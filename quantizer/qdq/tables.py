@@ -40,6 +40,8 @@ def _table(node: ir.Node, block_size: int) -> np.ndarray | str:
         return "only 2-D tables gathered along axis 0 are quantized"
     if table.shape[1] % block_size:
         return f"the table's row length {table.shape[1]} is not a multiple of `block_size` {block_size}"
+    if not np.isfinite(table).all():  # e.g. chython-rxnmap's -inf attention bias of padding
+        return "the table holds inf or NaN values, which no integer block can represent"
     return table.astype(np.float32)
 
 
