@@ -344,7 +344,7 @@ def _correct_bias(ctx: Context) -> str | None:
         ctx.notes.append("bias correction skipped: it measures on calibration samples, and none were given")
         return None
     corrections = bias_correction.correct_biases(ctx.stage1, ctx.plan, ctx.config.resolved_target.weights, samples,
-                                                 sizes=_tensor_bytes(ctx), show_progress=ctx.config.show_progress)
+                                                 show_progress=ctx.config.show_progress)
     corrections.uncorrected = ctx.stage1
     if ctx.accuracy_references is None and corrections.float_outputs and _float_stage1(ctx) is ctx.stage1:
         ctx.accuracy_references = corrections.float_outputs  # that pass ran the float model on these samples

@@ -37,7 +37,6 @@ from tqdm import tqdm
 
 from .. import runtime
 from ..qdq.params import quantize_weight, spec_weight_scales
-from .loss_aware import MEMORY_BUDGET
 
 CORRECTED_OPS = frozenset({"Conv", "Gemm"})
 MIN_RELATIVE_SHIFT = 1e-4  # of the layer output's RMS
@@ -189,7 +188,6 @@ def _mean_error(node: onnx.NodeProto, delta: np.ndarray, sums: np.ndarray, count
 
 
 def correct_biases(model: onnx.ModelProto, plan, weight_spec, samples: Sequence[Mapping[str, np.ndarray]], *,
-                   sizes: Mapping[str, int] | None = None, memory_budget: int = MEMORY_BUDGET,
                    show_progress: bool | None = None) -> Corrections:
     """The corrected biases of ``model``'s quantized Conv/Gemm layers (``plan``: the Q/DQ
     plan; ``weight_spec``: the target's weight spec), measured on ``samples``.
@@ -197,8 +195,7 @@ def correct_biases(model: onnx.ModelProto, plan, weight_spec, samples: Sequence[
     One pass of the float model over the samples, every layer's input and output an
     extra output, each reduced at once to the sums its mean error is linear in
     (``conv_tap_sums``) and to its output energy, then dropped: one sample's activations
-    are alive at a time.  (``sizes`` and ``memory_budget`` are accepted for the callers of
-    the recording steps; nothing is recorded here.)"""
+    are alive at a time."""
     initializers = {t.name: t for t in model.graph.initializer}
     graph_inputs = {i.name for i in model.graph.input}
     layers = []
