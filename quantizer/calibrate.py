@@ -94,7 +94,9 @@ class Calibrator:
             inputs = {s.name for s in self.specs}
             self._outputs = [t for t in self.tensors if t not in inputs]
             try:
-                self._session = runtime.session(self.model, extra_outputs=self._outputs, threads=self.threads)
+                # its threads sleep when idle: the statistics thread needs a core meanwhile
+                self._session = runtime.session(self.model, extra_outputs=self._outputs, threads=self.threads,
+                                                spinning=False)
             except Exception as exc:
                 raise ModelError(
                     f"onnxruntime cannot load the model: {ort_message(exc)}; calibration needs a model that "

@@ -34,14 +34,19 @@ def with_extra_outputs(model: onnx.ModelProto, tensors) -> onnx.ModelProto:
     return observed
 
 
-def session(model, *, extra_outputs=(), optimize: bool = True, threads: int | None = None) -> ort.InferenceSession:
+def session(model, *, extra_outputs=(), optimize: bool = True, threads: int | None = None,
+            spinning: bool = True) -> ort.InferenceSession:
     """A session for ``model`` (path or ModelProto).  ``optimize=False`` runs the graph
     as written (every Q/DQ tensor exists; no constant folding by onnxruntime).
-    ``threads``: onnxruntime's intra-op threads (None: its default, one per core)."""
+    ``threads``: onnxruntime's intra-op threads (None: its default, one per core).
+    ``spinning=False``: its idle threads sleep instead of spinning for work, for a session
+    that shares the cores with work of ours (the calibration statistics)."""
     options = ort.SessionOptions()
     options.log_severity_level = 4
     if threads is not None:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     elif _has_float8(model):
