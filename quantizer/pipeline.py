@@ -35,7 +35,7 @@ import onnx_ir as ir
 from . import runtime
 from .algorithms.normalization import REASON as NORMALIZATION_REASON
 from .algorithms.normalization import normalization_nodes
-from .calibrate import Calibrator
+from .calibrate import Calibrator, sample_values
 from .calibration_state import CalibrationState
 from .calibration_state import save_ranges as write_ranges_file
 from .checks import (
@@ -242,7 +242,7 @@ def _prepare_calibration(ctx: Context) -> str | None:
 
 def _stage1_outputs(ctx: Context, sample) -> dict:
     if ctx.calibrator is not None:  # its session also returns the graph outputs
-        session = ctx.calibrator.session()
+        session = ctx.calibrator.session(sample_values(sample))
     else:
         session = runtime.session(ctx.stage1)
     names = [o.name for o in ctx.stage1.graph.output]
