@@ -317,13 +317,15 @@ def _try_algorithms(search: _Search, ctx: Context, start: Context, dimensions: S
 
 def _fall_back(search: _Search, data, sensitivity_samples: int) -> bool:
     """From the best trial so far: 16 bits for, then float, the most damaging 1, 2, 4, ...
-    fallback units; True when a trial passed."""
+    fallback units (never all of the quantized nodes: that is the float model); True when
+    a trial passed."""
     _, base_ctx, source = search.best
     entries = report_summary(base_ctx.stage1, base_ctx.outcome, data.samples(sensitivity_samples),
                              base_ctx.ranges, sensitivity_samples)["tensors"]
     order = fallback_order(base_ctx.stage1, base_ctx.outcome.plan, entries)
     wide_dtype = base_ctx.config.resolved_target.activations.wide
     _, damaged_tensor = _damage(base_ctx.stage1, base_ctx.outcome.plan, entries)  # what 16 bits would widen
+    quantized = {node.name for node in base_ctx.outcome.plan.quantized_nodes}
     size = 1
     tried: list[str] | None = None
     while size <= len(order) and not search.full:
@@ -336,8 +338,8 @@ def _fall_back(search: _Search, data, sensitivity_samples: int) -> bool:
         wide = list(dict.fromkeys(damaged_tensor[unit[0]] for unit in units))
         if wide_dtype and wide and search.attempt(source, base_ctx.config.with_(wide_tensors=tuple(wide))).passed:
             return True  # 16 bits on the sensitive tensors was enough: no node kept float
-        if search.full:
-            break
+        if search.full or quantized <= set(nodes):
+            break  # every quantized node float would be the float model: not a quantization
         if search.attempt(source, base_ctx.config, nodes).passed:
             return True
         if size == len(order):

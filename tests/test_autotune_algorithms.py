@@ -144,7 +144,8 @@ def test_an_algorithm_its_own_check_drops_is_skipped_without_a_trial(count_colle
     fake = FakeEval(1.0, 0.5, 0.5)
     result = autotune(model, calib, fake, max_trials=2, methods=("min_max_asym",), exclude=["first"],
                       algorithms=("equalize",), show_progress=False)
-    assert [t.algorithms for t in result.trials] == [[], []] and result.trials[1].excluded == ["second"]
+    # one trial: the only fallback (keeping "second" float too) would leave no node quantized
+    assert [t.algorithms for t in result.trials] == [[]] and not result.trials[0].excluded
     (skipped,) = result.skipped
     assert skipped.algorithms == ["equalize"] and skipped.reason.startswith("equalize: dropped: output SQNR")
     assert calibrated(count_collections).count(CALIBRATION) == 1  # dropped before the trial's calibration
@@ -285,3 +286,19 @@ def test_cli_tune_algorithms_flag(tmp_path, chain):
     assert r.exit_code == 2
     assert "--tune-algorithms: unknown algorithm 'bias'; use a comma-separated list of equalize, smooth-quant, " \
            "adaround, or none" in r.output and "Traceback" not in r.output
+
+
+def test_the_fallback_never_keeps_every_quantized_node_float(chain):
+    # only a model without Q/DQ meets the goal: the fallback grows to every unit, but the
+    # trial that would keep every quantized node float (a float copy "passing") is not run
+    model, calibration, _ = chain
+
+    def metric(candidate: onnx.ModelProto) -> float:
+        return 0.0 if any(n.op_type == "QuantizeLinear" for n in candidate.graph.node) else 1.0
+
+    result = autotune(model, calibration, metric, max_trials=30, methods=("min_max_asym",), algorithms=(),
+                      show_progress=False)
+    fallbacks = [t for t in result.trials if t.excluded]
+    assert not result.passed and all(not t.passed for t in result.trials)
+    assert any(n.op_type == "QuantizeLinear" for n in result.model.graph.node)
+    assert len(fallbacks) >= 2 and len(result.trials) < 30  # it grew, then stopped short of all float
