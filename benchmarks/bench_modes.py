@@ -96,6 +96,29 @@ def variants() -> dict[str, tuple]:
     }
 
 
+def float_weight_matmuls(path: Path) -> int:
+    """MatMul/Gemm nodes that still multiply by a float constant weight (an initializer or
+    Constant, directly or through Identity): the ones a quantizer left float."""
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    floats = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    producers = {out: node for node in graph.node for out in node.output}
+
+    def float_constant(name: str) -> bool:
+        while name not in floats:
+            node = producers.get(name)
+            if node is None:
+                return False
+            if node.op_type == "Constant":
+                return any(a.t.data_type == onnx.TensorProto.FLOAT for a in node.attribute if a.name == "value")
+            if node.op_type != "Identity":
+                return False
+            name = node.input[0]
+        return True
+
+    return sum(1 for n in graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and float_constant(n.input[1]))
+
+
 def cosine(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:
     """Mean cosine of the output rows (last axis) over all arrays (their shapes may differ)."""
     values = []
@@ -152,25 +175,25 @@ def run_model(name: str, args, work: Path) -> list[str]:
             continue
         metric, outs = task.evaluate(session(paths[label]), work)
         row.update(metric=metric, sqnr=sqnr_db(reference, outs), cosine=cosine(reference, outs),
-                   size=paths[label].stat().st_size)
+                   size=paths[label].stat().st_size, float_matmuls=float_weight_matmuls(paths[label]))
     unit, unit_text = task.latency_unit(work)
     times = latency(unit, {k: str(v) for k, v in paths.items()}, args.runs)
     float_size = model.stat().st_size
     metric_label = "top-1 %" if name == "encoder" else task.metric
     lines = [heading, "", describe(name, task, described, n_calib, n_eval, unit_text), "",
              f"| variant | kind | size MB (x float) | {metric_label} | SQNR dB | cosine | latency ms (x float speed) "
-             "| quantize s |",
-             "|---|---|---|---|---|---|---|---|",
+             "| quantize s | weighted MatMuls left float |",
+             "|---|---|---|---|---|---|---|---|---|",
              f"| float | | {float_size / 1e6:.2f} (1.00) | {reference_metric:.2f} | | | "
-             f"{times['float'] * 1e3:.2f} (1.00) | |"]
+             f"{times['float'] * 1e3:.2f} (1.00) | | {float_weight_matmuls(model)} |"]
     for label, row in rows.items():
         if "error" in row:
-            lines.append(f"| {label} | {row['kind']} | failed: {row['error']} | | | | | |")
+            lines.append(f"| {label} | {row['kind']} | failed: {row['error']} | | | | | | |")
             continue
         t = times[label]
         lines.append(f"| {label} | {row['kind']} | {row['size'] / 1e6:.2f} ({row['size'] / float_size:.2f}) | "
                      f"{row['metric']:.2f} | {row['sqnr']:.1f} | {row['cosine']:.5f} | "
-                     f"{t * 1e3:.2f} ({times['float'] / t:.2f}x) | {row['seconds']:.1f} |")
+                     f"{t * 1e3:.2f} ({times['float'] / t:.2f}x) | {row['seconds']:.1f} | {row['float_matmuls']} |")
     return lines
 
 
