@@ -101,16 +101,16 @@ class Calibrator:
         merged = self.state.merge(loaded)
         self.statistics, self.samples_seen = merged.statistics, merged.samples
 
-    def session(self, sample_values: int | None = None) -> ort.InferenceSession:
+    def session(self, sample_size: int | None = None) -> ort.InferenceSession:
         """The calibration session: the graph outputs plus every observed tensor.  The
         first call decides whether onnxruntime's idle threads spin for work (its default)
-        or sleep, from ``sample_values``, the input values of a typical sample (None:
+        or sleep, from ``sample_size``, the input values of a typical sample (None:
         large): a sample of at least SLEEP_FROM_VALUES gets sleeping threads, because its
         statistics need a core while onnxruntime runs the next one."""
         if self._session is None:
             inputs = {s.name for s in self.specs}
             self._outputs = [t for t in self.tensors if t not in inputs]
-            spinning = sample_values is not None and sample_values < SLEEP_FROM_VALUES
+            spinning = sample_size is not None and sample_size < SLEEP_FROM_VALUES
             try:
                 self._session = runtime.session(self.model, extra_outputs=self._outputs, threads=self.threads,
                                                 spinning=spinning)
