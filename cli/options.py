@@ -247,6 +247,11 @@ def accuracy_steps(no_protect_normalization: bool, bias_correction: bool | None,
     return chosen
 
 
+def algorithm_flag(name: str) -> str:
+    """An accuracy algorithm as --tune-algorithms spells it: smooth_quant -> smooth-quant."""
+    return name.replace("_", "-")
+
+
 def parse_algorithms(text: str | None, known: tuple[str, ...]) -> tuple[str, ...] | None:
     """--tune-algorithms: comma-separated names as the flags spell them (smooth-quant), or
     none; None when the flag is not given (the library's default)."""
@@ -255,7 +260,7 @@ def parse_algorithms(text: str | None, known: tuple[str, ...]) -> tuple[str, ...
     names = [name.strip().lower() for name in text.split(",") if name.strip()]
     if names == ["none"]:
         return ()
-    spelled = {name.replace("_", "-"): name for name in known}
+    spelled = {algorithm_flag(name): name for name in known}
     for name in names:
         if name not in spelled:
             raise UsageError(f"--tune-algorithms: unknown algorithm {name!r}; use a comma-separated list of "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .options import FLAGS
+from .options import FLAGS, algorithm_flag
 
 _PARAMETER = re.compile(r"`([^`]+)`")
 
@@ -152,11 +152,6 @@ def report_lines(summary, rows: int = 10) -> list[str]:
         lines.append(f"  {db_text}  {entry.get('bits', 8):4d}  {entry['scale']:10.4g}  {entry['zero_point']:5d}  "
                      f"{f'[{low:.4g}, {high:.4g}]':<23} {entry['tensor']}{where}")
     return lines
-
-
-def algorithm_flag(name: str) -> str:
-    """An accuracy algorithm as --tune-algorithms spells it: smooth_quant -> smooth-quant."""
-    return name.replace("_", "-")
 
 
 def trial_setting(trial) -> str:

@@ -282,10 +282,13 @@ def test_cli_tune_algorithms_flag(tmp_path, chain):
     assert " + " not in r.output and "skipped" not in r.output
     assert json.loads(report.read_text())["autotune"]["algorithms"] == []
 
+    out.unlink()
+    report.unlink()
     r = CliRunner().invoke(cli, ["tune", *common, "--tune-algorithms", "equalize,bias"])
     assert r.exit_code == 2
     assert "--tune-algorithms: unknown algorithm 'bias'; use a comma-separated list of equalize, smooth-quant, " \
            "adaround, or none" in r.output and "Traceback" not in r.output
+    assert not out.exists() and not report.exists()  # refused before anything is written
 
 
 def test_the_fallback_never_keeps_every_quantized_node_float(chain):
