@@ -59,8 +59,9 @@ class Context:
     smoothing: Any = None  # algorithms.smooth_quant.Smoothing
     rounding: Any = None  # algorithms.adaround.Rounding
     accuracy_references: list | None = None  # float outputs on the accuracy samples (the checks' reference)
-    # (stage-1 model id, ranges, kept-float nodes) -> (that model, its quantized output SQNR on the
-    # accuracy samples): the bias-correction check and auto's whole-model pick often score the same one
+    # (stage-1 model id, ranges, kept-float nodes) -> (that model, its quantized outputs' per-sample
+    # (signal, noise) on the accuracy samples): the bias-correction check and auto's whole-model pick
+    # often score the same one
     output_scores: dict = field(default_factory=dict)
     protected: list[dict] = field(default_factory=list)
     keep_float: dict[str, str] = field(default_factory=dict)  # node -> reason, beyond exclude

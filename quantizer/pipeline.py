@@ -490,7 +490,7 @@ def _choose_ranges(ctx: Context) -> str:
     keep = ctx.excluded | set(ctx.keep_float)
 
     def score(ranges):
-        return _output_score(ctx, ctx.stage1, {**ranges, **ctx.config.range_overrides}, keep)
+        return _output_errors(ctx, ctx.stage1, {**ranges, **ctx.config.range_overrides}, keep)
 
     totals = selection.method_totals()
     checked = sorted(per_method, key=lambda name: (totals.get(name, float("inf")), list(per_method).index(name)))
@@ -546,15 +546,21 @@ def _scored(ctx: Context, model: onnx.ModelProto, ranges: Mapping, keep: set[str
     return _score_key(ctx, model, ranges, keep) in ctx.output_scores
 
 
-def _output_score(ctx: Context, model: onnx.ModelProto, ranges: Mapping, keep: set[str]) -> float:
-    """The output SQNR against float, on the accuracy samples, of ``model`` quantized with
-    ``ranges`` (keeping ``keep`` float); each distinct one is quantized and run once per run."""
+def _output_errors(ctx: Context, model: onnx.ModelProto, ranges: Mapping, keep: set[str]) -> np.ndarray:
+    """The per-sample (signal, noise) of the outputs against float, on the accuracy
+    samples, of ``model`` quantized with ``ranges`` (keeping ``keep`` float); each distinct
+    one is quantized and run once per run."""
     key = _score_key(ctx, model, ranges, keep)
     if key not in ctx.output_scores:
         samples = _accuracy_samples(ctx)
         session = runtime.session(_quantized(ctx, model, ranges, keep).model)
-        ctx.output_scores[key] = (model, loss_aware.output_sqnr_db(session, samples, _float_references(ctx, samples)))
+        ctx.output_scores[key] = (model, loss_aware.output_errors(session, samples, _float_references(ctx, samples)))
     return ctx.output_scores[key][1]
+
+
+def _output_score(ctx: Context, model: onnx.ModelProto, ranges: Mapping, keep: set[str]) -> float:
+    """The output SQNR in dB of ``_output_errors``."""
+    return loss_aware.sqnr_db(_output_errors(ctx, model, ranges, keep))
 
 
 def _auto_fallback(ctx: Context) -> CalibrationMethod:

@@ -25,7 +25,8 @@ to model and from tensor to tensor.  So for each calibrated tensor this step
    the models quantized with the ``CHECKED_METHODS`` methods whose ranges alone had the
    lowest summed block error (``Selection.method_totals``) run on the same samples, and
    the set with the highest output SQNR against float wins (``pick_by_output``; the
-   per-tensor choice unless another beats it by ``SWITCH_MARGIN_DB``): block
+   per-tensor choice unless another is ``clearly_better``, by more than the spread
+   of its gain over the samples): block
    errors that compound, or cancel, are seen there.
 
 What it minimizes: for each tensor t, sum over block outputs y of
@@ -62,7 +63,6 @@ GUARD = 4.0  # a candidate's full-data tensor error may be at most this many tim
 MEMORY_BUDGET = 1 << 30
 PER_TENSOR = "per-tensor choice"
 BLOCK_SAMPLES = 2  # samples the blocks are measured on (the whole-model check uses all)
-SWITCH_MARGIN_DB = 0.0  # a single method's ranges win when they score higher at all (ties: the per-tensor choice)
 CHECKED_METHODS = 2  # single methods checked against the per-tensor choice (best block totals)
 UNKNOWN_BYTES = 4 << 20  # a tensor of unknown size (no static shape, not calibrated): assumed this large
 
@@ -376,34 +376,71 @@ def _measure(graph: _Graph, tensor: str, block: list[int] | None, options, recor
     return Choice(name, chosen, float(losses[best]), float(losses[0]), method_losses)
 
 
-def output_sqnr_db(session, samples: Sequence[Mapping[str, np.ndarray]], references: Sequence[list[np.ndarray]]) -> float:
-    """SQNR in dB of a model's outputs over all outputs and samples against the float
-    ``references`` (-inf when an output is not finite)."""
-    signal = noise = 0.0
-    for sample, reference in zip(samples, references):
+def output_errors(session, samples: Sequence[Mapping[str, np.ndarray]],
+                  references: Sequence[list[np.ndarray]]) -> np.ndarray:
+    """Per sample, the (signal, noise) energies of a model's float outputs against the
+    float ``references``: shape (samples, 2); the noise is inf where an output is not finite."""
+    errors = np.zeros((len(samples), 2))
+    for i, (sample, reference) in enumerate(zip(samples, references)):
         for ref, out in zip(reference, session.run(None, dict(sample))):
             if ref.dtype.kind != "f":
                 continue
+            ref64 = ref.ravel().astype(np.float64)
+            errors[i, 0] += float(np.vdot(ref64, ref64))
             if not np.all(np.isfinite(out)):
-                return float("-inf")
+                errors[i, 1] = np.inf
+                continue
             diff = np.subtract(out, ref, dtype=np.float64).ravel()
-            signal += float(np.vdot(ref.ravel().astype(np.float64), ref.ravel().astype(np.float64)))
-            noise += float(np.vdot(diff, diff))
+            errors[i, 1] += float(np.vdot(diff, diff))
+    return errors
+
+
+def sqnr_db(errors: np.ndarray) -> float:
+    """The SQNR in dB over all samples of ``output_errors``' (signal, noise) rows (-inf
+    when an output was not finite, inf when there is no noise)."""
+    signal, noise = errors.sum(axis=0) if len(errors) else (0.0, 0.0)
+    if not np.isfinite(noise):
+        return float("-inf")
     if noise == 0:
         return float("inf")
     return 10.0 * float(np.log10(max(signal, 1e-30) / noise))
 
 
+def output_sqnr_db(session, samples: Sequence[Mapping[str, np.ndarray]], references: Sequence[list[np.ndarray]]) -> float:
+    """SQNR in dB of a model's outputs over all outputs and samples against the float
+    ``references`` (-inf when an output is not finite)."""
+    return sqnr_db(output_errors(session, samples, references))
+
+
+def clearly_better(errors: np.ndarray, than: np.ndarray) -> bool:
+    """Whether the model with per-sample ``errors`` is closer to float than the one with
+    ``than``, by more than the samples' spread: the mean of the per-sample SQNR gains
+    (dB) must be positive and exceed its standard error (the one-standard-error rule of
+    model selection; with one sample, any gain)."""
+    noise, other = errors[:, 1], than[:, 1]
+    if not np.all(np.isfinite(noise)):
+        return False
+    if not np.all(np.isfinite(other)):
+        return True
+    gains = 10.0 * (np.log10(np.maximum(other, 1e-30)) - np.log10(np.maximum(noise, 1e-30)))
+    mean = float(gains.mean())
+    if len(gains) < 2:
+        return mean > 0
+    return mean > 0 and mean > float(gains.std(ddof=1)) / np.sqrt(len(gains))
+
+
 def pick_by_output(candidates: Mapping[str, Mapping[str, tuple[float, float]]],
-                   score: Callable[[Mapping], float]) -> tuple[str, dict[str, float]]:
+                   errors_of: Callable[[Mapping], np.ndarray]) -> tuple[str, dict[str, float]]:
     """The candidate range set whose quantized model has the highest output SQNR
-    (``score(ranges)``: that SQNR against float on the accuracy samples), and every
-    candidate's SQNR; the first candidate wins unless another beats it by
-    ``SWITCH_MARGIN_DB`` (0: the per-tensor choice was fitted on some of these samples
-    already, so it needs no head start)."""
-    scores = {name: score(ranges) for name, ranges in candidates.items()}
+    (``errors_of(ranges)``: its per-sample ``output_errors`` against float on the accuracy
+    samples), and every candidate's SQNR.  The first candidate (the per-tensor choice)
+    stays unless the best one is ``clearly_better`` than it: on a handful of samples a
+    few tenths of a dB are within the sample-to-sample spread, and a switch on such a
+    near tie follows the noise of these samples, not the data."""
+    errors = {name: errors_of(ranges) for name, ranges in candidates.items()}
+    scores = {name: sqnr_db(e) for name, e in errors.items()}
     first = next(iter(scores))
     best = max(scores, key=scores.get)
-    if scores[best] - scores[first] <= SWITCH_MARGIN_DB:
+    if best != first and not clearly_better(errors[best], errors[first]):
         best = first
     return best, scores
