@@ -77,8 +77,11 @@ def format_summary(summary, output: Path | None, rows: int = 10) -> str:
         if auto:
             db = auto["output_sqnr_db"]
             others = ", ".join(f"{name} {value:.1f} dB" for name, value in db.items() if name != auto["picked"])
+            best = max(db, key=db.get)
+            within = (f"; {best} is higher but within the spread over the samples" if db[best] > db[auto["picked"]]
+                      else "")
             lines.append(f"  auto: {auto['picked']} ({db[auto['picked']]:.1f} dB output SQNR on the accuracy "
-                         f"samples; {others})")
+                         f"samples; {others}{within})")
         corrected = calib.get("bias_correction")
         if corrected and corrected["corrected"]:
             db = corrected["output_sqnr_db"]

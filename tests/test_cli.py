@@ -155,3 +155,19 @@ def test_optimize_with_a_target_applies_its_rewrites(tmp_path):
     assert sorted(n.op_type for n in onnx.load(lowered).graph.node) == ["Add", "Clip", "Mul"]
     bad = invoke("optimize", model, "-o", tmp_path / "x.onnx", "--target", "nope")
     assert bad.exit_code == 2 and "unknown target 'nope'" in bad.stderr
+
+
+def test_the_summary_says_when_auto_keeps_its_per_tensor_choice_on_a_near_tie():
+    from quantizer import quantize_model
+    from quantizer.cli.text import format_summary
+
+    summary = dict(quantize_model(SAMPLE_MODEL, SAMPLE_CALIB, "auto").summary)  # a Summary builds its parts on access
+    summary["calibration"] = dict(summary["calibration"])
+    summary["calibration"]["auto"].update(picked="per-tensor choice",
+                                          output_sqnr_db={"per-tensor choice": 15.24, "sqnr_asym": 15.34})
+    line = next(x for x in format_summary(summary, None).splitlines() if x.strip().startswith("auto:"))
+    assert line.strip() == ("auto: per-tensor choice (15.2 dB output SQNR on the accuracy samples; sqnr_asym 15.3 dB; "
+                            "sqnr_asym is higher but within the spread over the samples)")
+    summary["calibration"]["auto"].update(picked="sqnr_asym")
+    line = next(x for x in format_summary(summary, None).splitlines() if x.strip().startswith("auto:"))
+    assert "spread" not in line and line.strip().startswith("auto: sqnr_asym (15.3 dB")
