@@ -322,3 +322,14 @@ def test_cli_refuses_zero_accuracy_samples_and_writes_nothing(tmp_path):
                                       "-o", str(out)])
     assert result.exit_code == 2 and "--accuracy-samples" in result.output
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(1e-6, 1e3), min_size=1, max_size=12), st.lists(st.floats(1e-6, 1e3), min_size=1, max_size=12),
+       st.floats(0.05, 0.95))
+def test_clearly_better_is_one_sided_and_sees_a_uniform_gain(noise_a, noise_b, factor):
+    n = min(len(noise_a), len(noise_b))
+    a, b = _errors(noise_a[:n]), _errors(noise_b[:n])
+    assert not (loss_aware.clearly_better(a, b) and loss_aware.clearly_better(b, a))
+    assert not loss_aware.clearly_better(a, a)
+    assert loss_aware.clearly_better(_errors(np.asarray(noise_a) * factor), _errors(noise_a))  # better on every sample
