@@ -104,6 +104,7 @@ def test_a_switch_needs_a_gain_beyond_the_sample_spread():
     assert not loss_aware.clearly_better(broken, per_tensor) and loss_aware.clearly_better(per_tensor, broken)
     assert loss_aware.clearly_better(_errors([0.5]), _errors([0.6]))  # one sample: any gain
     assert not loss_aware.clearly_better(_errors([0.6]), _errors([0.6]))
+    assert not loss_aware.clearly_better(_errors([]), _errors([]))  # no samples: no evidence
 
 
 @pytest.mark.parametrize("others, picked", [(("lucky",), loss_aware.PER_TENSOR), (("lucky", "steady"), "steady"),

@@ -423,6 +423,8 @@ def clearly_better(errors: np.ndarray, than: np.ndarray) -> bool:
     if not np.all(np.isfinite(other)):
         return True
     gains = 10.0 * (np.log10(np.maximum(other, 1e-30)) - np.log10(np.maximum(noise, 1e-30)))
+    if len(gains) == 0:
+        return False
     mean = float(gains.mean())
     if len(gains) < 2:
         return mean > 0
