@@ -21,7 +21,6 @@ import platform
 import shutil
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import MEMORY_MARKERS, cpu_model, one_line, peak_rss, rss_now, run_child, where, write_results_section
+from common import MEMORY_MARKERS, cpu_model, git_head, one_line, peak_rss, rss_now, run_child, where, write_results_section
 from tasks import SUITE, TASKS
 
 HERE = Path(__file__).resolve().parent
@@ -340,14 +339,6 @@ def targets(task, flt: dict, runs: dict, lat: dict) -> list[str]:
                      f"{peers[leanest]['peak_rss'] / 2 ** 20:.0f} MB: "
                      f"{'met' if default['peak_rss'] < peers[leanest]['peak_rss'] else 'NOT met'}")
     return lines
-
-
-def git_head() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from bench_accuracy import SIZES, read_samples, session, sqnr_db
-from common import cpu_model, write_results_section
+from common import cpu_model, git_head, write_results_section
 from tasks import TASKS
 
 HERE = Path(__file__).resolve().parent
@@ -54,15 +54,6 @@ CONFIGS = {
     "every tensor quantized": {"target": str(HERE / "targets" / "ort-cpu-x86-every-tensor.toml")},
 }
 DEFAULT_CONFIGS = "min_max_asym,entropy_asym,mse_asym,percentile_asym,auto without bias correction,default"
-
-
-def git_head() -> str:
-    import subprocess
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 def cosine(reference: list[np.ndarray], outputs: list[np.ndarray]) -> float:

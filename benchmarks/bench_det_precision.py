@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_accuracy import SIZES, session, sqnr_db  # noqa: E402
-from common import cpu_model, write_results_section  # noqa: E402
+from common import cpu_model, git_head, write_results_section  # noqa: E402
 from tasks import TASKS  # noqa: E402
 
 SECTION = "## PP-OCRv5 det: where the output SQNR goes (issue: accuracy algorithms)"
@@ -39,15 +39,6 @@ WIDE_TARGET = HERE / "targets" / "ort-cpu-u16.toml"
 CHAIN = ("Add.9", "p2o.pd_op.hardswish.1.0", "Add.11")
 CANCELLING = "Conv.3"  # the 1x1 Conv reading Add.11; its output Add.15 spans +-0.2
 WATCHED = (*CHAIN, "Add.15", "Add.19", "Add.21")
-
-
-def git_head() -> str:
-    import subprocess
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from bench_accuracy import git_head, latency, session, sqnr_db
-from common import RESULTS, cpu_model, write_results_section
+from bench_accuracy import latency, session, sqnr_db
+from common import RESULTS, cpu_model, git_head, write_results_section
 from tasks import TASKS
 
 HERE = Path(__file__).resolve().parent

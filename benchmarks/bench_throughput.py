@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,10 +30,9 @@ import numpy as np
 import onnxruntime as ort
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from common import cpu_model, write_results_section  # noqa: E402
+from common import cpu_model, git_head, write_results_section  # noqa: E402
 from tasks import TASKS  # noqa: E402
 
 from quantizer import Calibrator, quantize_model  # noqa: E402
@@ -131,17 +129,6 @@ def dask_part(model: Path, calib: Path) -> dict:
     out["merge_ms"] = (time.perf_counter() - start) / 5 * 1000
     path.unlink()
     return out
-
-
-def git_head() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "quantizer", "calibrators"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return head + (" + uncommitted changes" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

@@ -44,6 +44,20 @@ def font_dir() -> Path:
     raise FileNotFoundError("DejaVuSans.ttf not found in " + ", ".join(map(str, candidates)))
 
 
+def git_head() -> str:
+    """The repository's short HEAD, marked when quantizer/ or calibrators/ have uncommitted
+    changes (a result then is not of that commit's code)."""
+    repo = RESULTS.parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "quantizer", "calibrators"], cwd=repo,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + (" + uncommitted changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def write_results_section(section: str, text: str) -> None:
     """Create or replace only ``section`` (up to the next '## ' heading) in RESULTS.md."""
     old = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
