@@ -49,9 +49,9 @@ CONFIGS = {
     "smooth quant alpha 0.5": {"smooth_quant": True, "smooth_alpha": 0.5},  # the paper's default, no search
     "smooth quant with inserted Mul": {"smooth_quant": True, "smooth_insert": True},  # also where no fold exists
     "adaround": {"adaround": True},  # auto + AdaRound (checked) + bias correction: --preset accurate
-    # the default on a target that quantizes every tensor of a quantized op (x86 placement before
-    # "only what an integer op reads"); this machine resolves ort-cpu to ort-cpu-x86
-    "every tensor quantized": {"target": str(HERE / "targets" / "ort-cpu-x86-every-tensor.toml")},
+    # the default on a copy of the default target that quantizes every tensor of a quantized op
+    # (the placement before "only what an integer op reads")
+    "every tensor quantized": {"target": str(HERE / "targets" / "ort-cpu-every-tensor.toml")},
 }
 DEFAULT_CONFIGS = "min_max_asym,entropy_asym,mse_asym,percentile_asym,auto without bias correction,default"
 
