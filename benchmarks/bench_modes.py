@@ -74,25 +74,17 @@ def peer_nbits(model: Path, out: Path, calib: Path, bits: int = 4, block_size: i
         quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
 
 
-def without_constant_identities(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``model`` with every Identity of an initializer removed (its readers read the
-    initializer): what a user does so that MatMulNBitsQuantizer sees a weight-tied
-    model's MatMul weights, which it skips behind an Identity."""
-    initializers = {t.name for t in model.graph.initializer}
-    outputs = {o.name for o in model.graph.output}
-    renamed = {n.output[0]: n.input[0] for n in model.graph.node
-               if n.op_type == "Identity" and n.input[0] in initializers and n.output[0] not in outputs}
-    kept = [n for n in model.graph.node if not (n.op_type == "Identity" and n.output[0] in renamed)]
-    for node in kept:
-        node.input[:] = [renamed.get(name, name) for name in node.input]
-    del model.graph.node[:]
-    model.graph.node.extend(kept)
-    return model
-
-
 def peer_nbits_direct(model: Path, out: Path, calib: Path, bits: int = 4, block_size: int = 32) -> None:
+    """The peer on ``model`` without its Identity nodes (onnx-ir's IdentityEliminationPass):
+    what a user does so that MatMulNBitsQuantizer sees a weight-tied model's MatMul weights,
+    which it skips behind an Identity."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import IdentityEliminationPass
+
     direct = out.with_name(out.stem + "_input.onnx")
-    onnx.save(without_constant_identities(onnx.load(str(model))), direct)
+    graph = ir.load(str(model))
+    IdentityEliminationPass()(graph)
+    ir.save(graph, direct)
     try:
         peer_nbits(direct, out, calib, bits, block_size)
     finally:
