@@ -415,7 +415,7 @@ def main() -> None:
     lines = [SECTION, "",
              f"- Date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; quantizer git {head}",
              f"- Command: `{cmd}` (from the repo root, after `pip install -e \".[bench]\"` and "
-             "`apt install espeak-ng`; about 12 minutes)",
+             "`apt install espeak-ng`; about 27 minutes on a 2-core Zen 1 EPYC)",
              f"- CPU: {cpu_model()} ({os.cpu_count()} logical cores, shared and noisy); onnxruntime {ort.__version__}, "
              f"Python {platform.python_version()}",
              f"- Ours: `quantize_model(model, calib, \"{DEFAULT_METHOD}\")` (the CLI default: method "
