@@ -12,6 +12,11 @@ the ``worst`` samples), so memory does not grow with the number of samples.
 - top-1 agreement (%) for class-like outputs: rank 2, ``[batch, classes]`` with more than
   one class, argmax over the last axis, counted per row.  Higher ranks are not taken as
   classes (an NCHW map's last axis is its width, not classes).
+- latency: the median seconds per sample of each model's run (the output sessions, as
+  deployed), the first sample left out as warm-up when there are more, and float / int8 as
+  the speedup.  One number per sample is kept (a few bytes each).  The two runs alternate
+  sample by sample, so load on the machine affects both alike; it is a measurement on this
+  machine, not a benchmark.
 - with ``tensors``: the same sums for the intermediate float tensors both models name
   alike, worst SQNR first.  Where the int8 model rounds such a tensor T through
   QuantizeLinear -> DequantizeLinear, its DequantizeLinear output (what the next op reads)
@@ -28,6 +33,8 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import statistics
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +56,7 @@ from .io_metadata import read_io
 from .report import dequantized_names
 from .verify import sqnr_from_sums
 
-__all__ = ["Comparison", "OutputComparison", "SampleSQNR", "TensorComparison", "compare_models"]
+__all__ = ["Comparison", "Latency", "OutputComparison", "SampleSQNR", "TensorComparison", "compare_models"]
 
 DEFAULT_WORST = 3
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -121,6 +128,24 @@ class TensorComparison:
 
 
 @dataclass
+class Latency:
+    """Median seconds per sample of each model's output session (see the module docstring)."""
+
+    float_seconds: float
+    int8_seconds: float
+    samples: int  # samples timed
+    warmup_excluded: bool  # the first sample left out
+
+    @property
+    def speedup(self) -> float:
+        return self.float_seconds / self.int8_seconds if self.int8_seconds > 0 else math.inf
+
+    def as_dict(self) -> dict:
+        return {"float_ms": self.float_seconds * 1e3, "int8_ms": self.int8_seconds * 1e3,
+                "speedup": _json(self.speedup), "samples": self.samples, "warmup_excluded": self.warmup_excluded}
+
+
+@dataclass
 class Comparison:
     samples: int
     outputs: list[OutputComparison]
@@ -128,6 +153,7 @@ class Comparison:
     notes: list[str] = field(default_factory=list)
     float_model: str | None = None  # the paths, when given as paths
     int8_model: str | None = None
+    latency: Latency | None = None
 
     def output(self, name: str) -> OutputComparison:
         return next(o for o in self.outputs if o.name == name)
@@ -150,6 +176,7 @@ class Comparison:
         return {"float_model": self.float_model, "int8_model": self.int8_model, "samples": self.samples,
                 "outputs": [o.as_dict() for o in self.outputs],
                 "tensors": None if self.tensors is None else [t.as_dict() for t in self.tensors],
+                "latency": None if self.latency is None else self.latency.as_dict(),
                 "notes": list(self.notes)}
 
 
@@ -406,11 +433,17 @@ def compare_models(float_model, int8_model, data, *, max_samples: int | None = N
     if max_samples is not None:
         samples = itertools.islice(samples, max_samples)
     used = 0
+    float_times: list[float] = []
+    int8_times: list[float] = []
     for index, (sample_name, sample) in enumerate(samples):
         feed = {name: (io["input"][name].quantize(value) if name in io["input"] else value)
                 for name, value in sample.items()}
+        start = time.perf_counter()
         reference = dict(zip(names, _run(float_session, names, sample, "float", sample_name)))
+        middle = time.perf_counter()
         quantized = dict(zip(names, _run(int8_session, names, feed, "int8", sample_name)))
+        float_times.append(middle - start)
+        int8_times.append(time.perf_counter() - middle)
         for name in names:
             ref, got = np.asarray(reference[name]), np.asarray(quantized[name])
             if name in io["output"]:
@@ -447,4 +480,12 @@ def compare_models(float_model, int8_model, data, *, max_samples: int | None = N
         notes.extend(f"tensor '{t}' skipped: {why}" for t, why in skipped.items())
         if not plan:
             notes.append("no intermediate float tensor is named alike in both models: no tensor comparison")
-    return Comparison(used, [sums[n].output(n) for n in names], compared_tensors, notes, float_path, int8_path)
+    return Comparison(used, [sums[n].output(n) for n in names], compared_tensors, notes, float_path, int8_path,
+                      latency_of(float_times, int8_times))
+
+
+def latency_of(float_times: list[float], int8_times: list[float]) -> Latency:
+    """The medians of the per-sample times, without the first sample when there are more."""
+    skip = 1 if len(float_times) > 1 else 0
+    return Latency(statistics.median(float_times[skip:]), statistics.median(int8_times[skip:]),
+                   len(float_times) - skip, bool(skip))

@@ -264,3 +264,36 @@ def test_memory_does_not_grow_with_samples(int8_path):
     few, many = [peak(8), peak(8)], [peak(64), peak(64)]
     # Keeping every output would add > 64 x 1.3 MB of tensors (the tensors alone of one sample).
     assert max(many) < 1.2 * min(few), (few, many)
+
+
+def test_latency_is_the_median_per_sample_without_the_warm_up():
+    from quantizer.compare import latency_of
+    lat = latency_of([9.0, 1.0, 3.0, 2.0], [7.0, 2.0, 2.0, 4.0])  # the first sample: warm-up
+    assert (lat.float_seconds, lat.int8_seconds, lat.samples, lat.warmup_excluded) == (2.0, 2.0, 3, True)
+    assert lat.speedup == 1.0
+    single = latency_of([5.0], [2.0])
+    assert (single.samples, single.warmup_excluded, single.speedup) == (1, False, 2.5)
+
+
+def test_compare_reports_latency_of_both_models(int8_path):
+    result = compare_models(SAMPLE_MODEL, int8_path, SAMPLE_CALIB, max_samples=6)
+    lat = result.latency
+    assert lat.samples == 5 and lat.warmup_excluded
+    assert 0 < lat.float_seconds < math.inf and 0 < lat.int8_seconds < math.inf
+    assert lat.speedup == pytest.approx(lat.float_seconds / lat.int8_seconds)
+    assert result.as_dict()["latency"]["int8_ms"] == pytest.approx(lat.int8_seconds * 1e3)
+    one = compare_models(SAMPLE_MODEL, int8_path, SAMPLE_CALIB, max_samples=1).latency
+    assert one.samples == 1 and not one.warmup_excluded
+
+
+def test_cli_says_when_int8_ran_slower(int8_path, monkeypatch):
+    import quantizer.compare as compare_module
+    args = ["compare", SAMPLE_MODEL, int8_path, "--data", SAMPLE_CALIB, "--max-samples", 3]
+    monkeypatch.setattr(compare_module, "latency_of", lambda f, q: compare_module.Latency(1e-3, 4e-3, 2, True))
+    slow = invoke(*args)
+    assert slow.exit_code == 0, slow.output
+    assert "float 1 ms, int8 4 ms: 0.25x float speed" in slow.stdout
+    assert "note: the int8 model ran slower than float here" in slow.stdout
+    monkeypatch.setattr(compare_module, "latency_of", lambda f, q: compare_module.Latency(4e-3, 1e-3, 2, True))
+    fast = invoke(*args)
+    assert "4.00x float speed" in fast.stdout and "ran slower" not in fast.stdout

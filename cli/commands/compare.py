@@ -35,7 +35,8 @@ from ..text import for_cli, one_line
 def compare(float_model, int8_model, data, as_json, html_file, min_sqnr, max_samples, tensors, worst, debug):
     """Compare INT8 with the FLOAT model it was quantized from on every sample of --data:
     per output SQNR, max/mean abs error, cosine similarity, top-1 agreement ([batch,
-    classes] outputs) and the worst samples.  Both run in onnxruntime as deployed."""
+    classes] outputs), the worst samples and each model's latency per sample.  Both run in
+    onnxruntime as deployed."""
 
     def action():
         if not data:
@@ -86,6 +87,17 @@ def format_comparison(result) -> str:
         if o.worst_samples:
             listed = ", ".join(f"{s.sample} {_db(s.sqnr_db)} dB" for s in o.worst_samples)
             lines.append(one_line(f"worst samples of '{o.name}': {listed}"))
+    if result.latency is not None:
+        lat = result.latency
+        timed = (f"median of {lat.samples} sample(s), the first left out as warm-up" if lat.warmup_excluded
+                 else "one sample, warm-up included")
+        lines.append(one_line(f"latency per sample ({timed}; both as deployed, on this machine): float "
+                              f"{lat.float_seconds * 1e3:.3g} ms, int8 {lat.int8_seconds * 1e3:.3g} ms: "
+                              f"{lat.speedup:.2f}x float speed"))
+        if lat.speedup < 1:
+            lines.append(one_line("note: the int8 model ran slower than float here: onnxruntime's int8 kernels are "
+                                  "not faster than its float ones on every CPU (x86 without VNNI, small models); "
+                                  "time it where it will be deployed"))
     if result.tensors is not None and result.tensors:
         lines.append("tensors (worst SQNR first; int8 value read where it differs):")
         width = max(len(t.name) for t in result.tensors)
