@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_accuracy import SIZES, session, sqnr_db  # noqa: E402
-from common import cpu_model, git_head, write_results_section  # noqa: E402
+from common import cpu_model, git_head, publish  # noqa: E402
 from tasks import TASKS  # noqa: E402
 
 SECTION = "## PP-OCRv5 det: where the output SQNR goes (issue: accuracy algorithms)"
@@ -128,10 +128,7 @@ def main() -> None:
              "(float ranges on that page: " + ", ".join(f"{n} [{lo:.3g}, {hi:.3g}]" for n, (lo, hi) in ranges.items())
              + "):", "",
              "| model | " + " | ".join(WATCHED) + " |", "|---|" + "---|" * len(WATCHED), *chain_rows, ""]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        write_results_section(SECTION, text)
+    publish(SECTION, lines, args.write)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import onnxruntime as ort
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import cpu_model, git_head, write_results_section  # noqa: E402
+from common import cpu_model, git_head, publish  # noqa: E402
 from tasks import TASKS  # noqa: E402
 
 from quantizer import Calibrator, quantize_model  # noqa: E402
@@ -191,10 +191,7 @@ def main() -> None:
                   f"- State: {d['tensors']} tensors, {d['state_bytes'] / 1e3:.0f} kB as a compressed .npz "
                   f"({d['state_bytes'] / d['tensors'] / 1e3:.1f} kB per tensor), {d['memory_bytes'] / d['tensors'] / 1e3:.1f} kB "
                   f"of int64 counts per tensor in memory; merging two states: {d['merge_ms']:.1f} ms", ""]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        write_results_section(SECTION, text)
+    publish(SECTION, lines, args.write)
 
 
 if __name__ == "__main__":

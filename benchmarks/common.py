@@ -74,6 +74,14 @@ def write_results_section(section: str, text: str) -> None:
 
 # ----------------------------------------------------------------------------- subprocess runs
 
+def publish(section: str, lines: list[str], write: bool) -> None:
+    """Print a benchmark's section and, with ``write``, put it into RESULTS.md."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if write:
+        write_results_section(section, text)
+
+
 def rss_now() -> int:
     """Current resident set size in bytes (Linux /proc)."""
     for line in Path("/proc/self/status").read_text().splitlines():
